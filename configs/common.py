@@ -1,0 +1,158 @@
+"""The paper's training recipe (§3.1) as one config; the per-net files pick a variant.
+
+Every `configs/<net>.py` exposes `get_config(arg)` (big_vision's `file.py:arg`
+convention). `arg` is a comma-separated list of:
+
+- ``scale=256`` (default), ``scale=384`` or ``scale=256-512``: the training
+  scale S (fixed, or jittered per image). S=384 starts from the S=256 net with
+  lr 1e-3; jittered S starts from the S=384 net (all layers) — the paper's
+  schedule. Point `warm_start.checkpoint` at the run to start from.
+- ``dataset=NAME``: any TFDS image-classification set (``stl10`` has a preset).
+- ``demo``: the embedded digits, a narrow net, small images: minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Layers that have the same shape in every configuration (paper §3.1): a
+# trained net A initialises these in the deeper nets.
+NET_A_SHARED_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """'scale=384,dataset=stl10,demo' → {'scale': '384', 'dataset': 'stl10', 'demo': ''}."""
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in ("scale", "dataset", "demo"):
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; expected scale=, dataset= or demo")
+        options[key] = value
+    return options
+
+
+def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.ConfigDict:
+    """The paper's recipe for `variant`, modified by `arg` (see module docstring)."""
+    options = parse_arg(arg)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Paper §2: the network.
+    config.model = ml_collections.ConfigDict(
+        dict(
+            variant=variant,
+            num_classes=1000,  # overwritten from the data set's metadata when they differ
+            width_multiplier=1.0,
+            fc_width=4096,
+            dropout_rate=0.5,
+            initializer="normal",  # zero-mean normal, std 0.01 [choice]; or 'glorot'
+            init_std=0.01,
+            lrn_alpha_over_size=False,  # AlexNet's α (True: Caffe's α/n)
+        )
+    )
+    config.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
+    config.remat = False  # recompute conv activations in the backward pass
+
+    # Paper §3.1: data and augmentation.
+    config.dataset = "imagenet2012"
+    config.data_dir = ""  # '' = TFDS default (~/tensorflow_datasets); gs:// works
+    config.train_split = "train"
+    config.eval_split = "validation"
+    config.crop_size = 224
+    config.scale_min = 256  # S; equal bounds = single-scale training
+    config.scale_max = 256
+    config.eval_scale = 256  # Q for the periodic validation (Q = S; 384 for jittered S)
+    config.eval_method = "center_crop"  # or 'dense' (paper §3.2, fully convolutional)
+    config.random_flip = True
+    config.color_shift_std = 0.1  # PCA colour shift, α ~ N(0, 0.1²)
+    config.mean_rgb = CAFFE_MEAN_RGB
+    config.shuffle_buffer = 16_384
+    config.corrupt_images = "skip"  # or 'fail'
+
+    # Paper §3.1: optimisation.
+    config.global_batch_size = 256
+    config.eval_batch_size = 256
+    config.num_epochs = 74.0  # 370K iterations at batch 256
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+    config.learning_rate = 1e-2
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+    config.decay_biases = False  # Caffe's decay_mult 0 on biases [choice]
+    config.lr_schedule = "plateau"  # or 'step'
+    # Plateau rule [choice: the paper gives no patience/threshold]: divide by 10
+    # after `patience` evaluations without a `threshold` drop of validation top-1
+    # error, at most `max_reductions` times (the paper's run saw 3).
+    config.plateau = ml_collections.ConfigDict(
+        dict(factor=0.1, patience=3, threshold=1e-3, cooldown=0, max_reductions=3)
+    )
+    config.step_boundaries_epochs = (30.0, 50.0, 65.0)  # for lr_schedule='step'
+
+    # Paper §3.1: initialisation of deeper nets / finer scales from an earlier run.
+    config.warm_start = ml_collections.ConfigDict(
+        dict(checkpoint="", step="best", layers=NET_A_SHARED_LAYERS if variant not in ("A", "A-LRN") else ())
+    )
+
+    # Loop, logging, checkpoints.
+    config.log_every_steps = 100
+    config.eval_every_steps = -1  # -1: once per epoch
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.keep_best_checkpoints = 1
+    config.distributed = ml_collections.ConfigDict(
+        dict(initialize="auto", coordinator_address="", num_processes=-1, process_id=-1, heartbeat_timeout_seconds=60)
+    )
+
+    scale = options.get("scale", "256")
+    if "-" in scale:
+        low, high = (int(v) for v in scale.split("-"))
+        config.scale_min, config.scale_max = low, high
+        config.eval_scale = (low + high) // 2
+        config.learning_rate = 1e-3  # fine-tuning from the S=384 net [choice]
+        config.warm_start.layers = "all"
+    else:
+        config.scale_min = config.scale_max = config.eval_scale = int(scale)
+        if int(scale) != 256:
+            config.learning_rate = 1e-3  # paper: S=384 net from the S=256 net, lr 1e-3
+            config.warm_start.layers = "all"
+
+    if options.get("dataset"):
+        config.dataset = options["dataset"]
+        if config.dataset == "stl10":
+            _stl10(config)
+    if "demo" in options:
+        _demo(config)
+    return config
+
+
+def _stl10(config: ml_collections.ConfigDict) -> None:
+    """STL-10: 96×96 images, 10 classes; the recipe scaled to its size."""
+    config.model.num_classes = 10
+    config.eval_split = "test"
+    config.crop_size = 96
+    config.scale_min, config.scale_max, config.eval_scale = 96, 128, 112
+    config.global_batch_size = config.eval_batch_size = 128
+    config.model.fc_width = 1024
+    config.warm_start.layers = ()
+
+
+def _demo(config: ml_collections.ConfigDict) -> None:
+    """The embedded digits: same depth, narrow widths, 32-px crops; a few CPU minutes."""
+    config.dataset = "sklearn_digits"
+    config.train_split, config.eval_split = "train", "test"
+    config.model.num_classes = 10
+    config.model.width_multiplier = 1 / 8
+    config.model.fc_width = 128
+    config.model.initializer = "glorot"  # no net-A pre-training in a demo
+    config.crop_size = 32
+    config.scale_min, config.scale_max, config.eval_scale = 32, 40, 36
+    config.shuffle_buffer = 2048
+    config.global_batch_size = 64
+    config.eval_batch_size = 200
+    config.num_epochs = 30.0
+    config.learning_rate = 0.02
+    config.lr_schedule = "step"
+    config.step_boundaries_epochs = (20.0, 26.0)
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 200
+    config.warm_start.layers = ()

@@ -1,0 +1,193 @@
+"""Checkpoints (Orbax) and the paper's warm starts by layer name (§3.1).
+
+A run directory (a training workdir, or what `convert.py` writes) holds::
+
+    config.json          the resolved config of the run
+    checkpoints/<step>/  Orbax items: 'params' (the network), 'train_state'
+                         (step, optimiser and plateau state; absent in
+                         converted weights), 'meta' (JSON: step, epoch and the
+                         validation metrics that picked the best checkpoint)
+
+Warm start copies named layers from another run into freshly initialised
+parameters: net A → B…E (conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8),
+S=256 → S=384 and S=384 → jittered S (all layers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "top1_error"
+
+
+def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
+    """Writes `config` as JSON beside the checkpoints (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+    path = epath.Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {directory!r} is not a vgg_jax run directory "
+            "(a training workdir or the output of `python -m vgg_jax.convert`)"
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def create_manager(
+    directory: str,
+    *,
+    keep: int = 3,
+    keep_best: int = 1,
+    async_save: bool = True,
+    read_only: bool = False,
+) -> ocp.CheckpointManager:
+    """The run's manager: keeps the last `keep` steps and the `keep_best` with the lowest val error."""
+    policies: list[Any] = [ocp.checkpoint_managers.preservation_policy.LatestN(n=keep)]
+    if keep_best > 0:
+        policies.append(
+            ocp.checkpoint_managers.preservation_policy.BestN(
+                get_metric_fn=lambda metrics: -metrics[BEST_METRIC],
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
+    )
+    return ocp.CheckpointManager(
+        epath.Path(directory) / CHECKPOINT_DIR,
+        options=options,
+        item_names=("params", "train_state", "meta"),
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    *,
+    params: Any,
+    train_state: Any | None,
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+    force: bool = False,
+) -> bool:
+    """Saves one step; `metrics` (with top1_error) ranks it for keep-best."""
+    items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta)))
+    if train_state is not None:
+        items["train_state"] = ocp.args.StandardSave(train_state)
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None, force=force)
+
+
+def steps_with_meta(directory: str) -> dict[int, dict[str, Any]]:
+    """Every saved step of a run directory and its 'meta' JSON."""
+    root = epath.Path(directory) / CHECKPOINT_DIR
+    found: dict[int, dict[str, Any]] = {}
+    if root.exists():
+        for child in root.iterdir():
+            meta_file = child / "meta" / "metadata"  # where Orbax's JsonSave writes
+            if child.name.isdigit() and meta_file.exists():
+                found[int(child.name)] = json.loads(meta_file.read_text())
+    return found
+
+
+def resolve_step(directory: str, step: int | str | None = None) -> int:
+    """None/'latest' → the newest step; 'best' → the lowest validation top-1 error; or an int."""
+    manager = create_manager(directory, read_only=True, async_save=False)
+    steps = sorted(manager.all_steps())
+    manager.close()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(str(directory), CHECKPOINT_DIR)}")
+    if step is None or step == "latest":
+        return steps[-1]
+    if step == "best":
+        metas = steps_with_meta(directory)
+        ranked = [(metas[s][BEST_METRIC], -s) for s in steps if BEST_METRIC in metas.get(s, {})]
+        if not ranked:
+            logging.warning("no checkpoint of %s has a validation error; 'best' falls back to the latest", directory)
+            return steps[-1]
+        return -min(ranked)[1]
+    if int(step) not in steps:
+        raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {steps}")
+    return int(step)
+
+
+def restore_params(directory: str, step: int | str | None = None) -> tuple[Any, ml_collections.ConfigDict, int]:
+    """(params as NumPy arrays, the run's config, the step restored) — for warm start and inference."""
+    config = load_config(directory)
+    resolved = resolve_step(directory, step)
+    manager = create_manager(directory, read_only=True, async_save=False)
+    try:
+        restored = manager.restore(resolved, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
+    params = jax.tree_util.tree_map(np.asarray, restored["params"])
+    return params, config, resolved
+
+
+def save_params_only(
+    directory: str, params: Any, config: ml_collections.ConfigDict, *, meta: Mapping[str, Any] | None = None
+) -> None:
+    """Writes a run directory holding only parameters (imported weights) at step 0."""
+    save_config(directory, config)
+    manager = create_manager(directory, keep=1, keep_best=0, async_save=False)
+    save(manager, 0, params=params, train_state=None, meta=dict(meta or {}, step=0), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def warm_start(
+    fresh_params: Mapping[str, Any],
+    source_params: Mapping[str, Any],
+    layers: Sequence[str] | str,
+) -> tuple[dict[str, Any], list[str]]:
+    """Copies `layers` ('all' = every layer of the target) from `source_params` into `fresh_params`.
+
+    Returns the new parameters and the names copied. A layer missing from the
+    source, or of another shape, is an error naming it and both shapes.
+    """
+    names = list(fresh_params) if layers == "all" else list(layers)
+    unknown = [name for name in names if name not in fresh_params]
+    if unknown:
+        raise ValueError(f"warm start: layer(s) {unknown} are not in the target network; it has {list(fresh_params)}")
+    result = dict(fresh_params)
+    for name in names:
+        if name not in source_params:
+            raise ValueError(
+                f"warm start: layer {name!r} is missing from the source checkpoint (it has {list(source_params)})"
+            )
+        target_shapes = jax.tree_util.tree_map(np.shape, dict(fresh_params[name]))
+        source_shapes = jax.tree_util.tree_map(np.shape, dict(source_params[name]))
+        if target_shapes != source_shapes:
+            raise ValueError(
+                f"warm start: layer {name!r} has shapes {source_shapes} in the source but {target_shapes} in the "
+                "target network"
+            )
+        result[name] = jax.tree_util.tree_map(
+            lambda source, target: np.asarray(source, dtype=np.asarray(target).dtype),
+            dict(source_params[name]),
+            dict(fresh_params[name]),
+        )
+    for name in fresh_params:
+        logging.info("warm start: %-8s %s", name, "copied" if name in names else "fresh (random init)")
+    return result, names

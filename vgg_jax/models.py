@@ -1,0 +1,315 @@
+"""The VGG networks of paper §2 (Table 1): six configurations from one table.
+
+Layer names follow the released Caffe models (``conv1_1`` … ``conv5_4``,
+``fc6``, ``fc7``, ``fc8``) so that warm start and weight import copy layers by
+name and a parameter path reads ``params/conv3_2/kernel``.
+
+The classifier head is stored once and used two ways (paper §3.2):
+
+* on a crop of ``crop_size`` (training, multi-crop testing): flatten + dense,
+  returning logits ``(N, classes)``;
+* fully convolutionally (dense testing): fc6 becomes a k×k convolution with
+  k = crop_size / 32 and fc7, fc8 become 1×1 convolutions with the *same*
+  parameters, reshaped; any image at least ``crop_size`` on each side yields a
+  class score map ``(N, h, w, classes)``.
+
+fc kernels have the shape of a dense layer, ``(k*k*C, F)``, with rows in
+NHWC-flattening order, so a (k, k, C, F) reshape is the equivalent conv kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+VARIANTS = ("A", "A-LRN", "B", "C", "D", "E")
+
+# Table 1: conv widths per block, and the kernel size of every conv in each
+# block (3 = 3×3, 1 = 1×1). Every block ends with a 2×2/2 max-pool.
+BLOCK_WIDTHS = (64, 128, 256, 512, 512)
+_KERNELS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "A": ((3,), (3,), (3, 3), (3, 3), (3, 3)),
+    "A-LRN": ((3,), (3,), (3, 3), (3, 3), (3, 3)),
+    "B": ((3, 3), (3, 3), (3, 3), (3, 3), (3, 3)),
+    "C": ((3, 3), (3, 3), (3, 3, 1), (3, 3, 1), (3, 3, 1)),
+    "D": ((3, 3), (3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+    "E": ((3, 3), (3, 3), (3, 3, 3, 3), (3, 3, 3, 3), (3, 3, 3, 3)),
+}
+# Only A-LRN normalises, after conv1_1 (and its ReLU), before pool1.
+_LRN_AFTER = {"A-LRN": "conv1_1"}
+
+# Name of the checkpoint tag placed on each pool output; the train step's
+# rematerialisation policy keeps only these (see train.py, `remat`).
+POOL_CHECKPOINT_NAME = "vgg_pool"
+
+
+def conv_layer_names(variant: str) -> list[str]:
+    """Caffe names of the conv layers of `variant`, in order."""
+    _check_variant(variant)
+    return [
+        f"conv{block + 1}_{index + 1}"
+        for block, kernels in enumerate(_KERNELS[variant])
+        for index in range(len(kernels))
+    ]
+
+
+def layer_names(variant: str) -> list[str]:
+    """Caffe names of every parameterised layer of `variant`, in order."""
+    return conv_layer_names(variant) + ["fc6", "fc7", "fc8"]
+
+
+def feature_names(variant: str) -> list[str]:
+    """Names accepted by ``VGG(...)(x, outputs=...)``, in forward order.
+
+    ``convB_I`` is the pre-activation output of a conv, ``reluB_I`` the same
+    after ReLU, ``norm1`` the LRN output (A-LRN), ``poolB`` the pooled block.
+    ``fc6`` and ``fc7`` are taken after their ReLU (as the in-place Caffe blobs
+    of those names are): the 4096-D descriptors of paper App. B. ``fc8`` is
+    the logits (or the class score map when dense).
+    """
+    names = []
+    for block, kernels in enumerate(_KERNELS[_check_variant(variant)]):
+        for index in range(len(kernels)):
+            conv = f"conv{block + 1}_{index + 1}"
+            names += [conv, f"relu{block + 1}_{index + 1}"]
+            if _LRN_AFTER.get(variant) == conv:
+                names.append("norm1")
+        names.append(f"pool{block + 1}")
+    return names + ["fc6", "fc7", "fc8"]
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in _KERNELS:
+        raise ValueError(f"unknown VGG variant {variant!r}; expected one of {VARIANTS}")
+    return variant
+
+
+def local_response_norm(
+    x: jax.Array,
+    *,
+    size: int = 5,
+    k: float = 2.0,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    alpha_over_size: bool = False,
+) -> jax.Array:
+    """Cross-channel LRN of Krizhevsky et al. (2012), used by A-LRN (paper §2.2).
+
+    b_c = a_c / (k + α' Σ_{c'} a_{c'}²)^β, the sum over the `size` channels
+    centred on c (clipped at the edges). The AlexNet paper uses α' = α (the
+    default here); Caffe's LRN layer uses α' = α / size — pass
+    ``alpha_over_size=True`` to match weights trained with Caffe.
+    """
+    half = size // 2
+    squared_sum = jax.lax.reduce_window(
+        jnp.square(x),
+        jnp.array(0, x.dtype),
+        jax.lax.add,
+        window_dimensions=(1,) * (x.ndim - 1) + (size,),
+        window_strides=(1,) * x.ndim,
+        padding=((0, 0),) * (x.ndim - 1) + ((half, size - 1 - half),),
+    )
+    scale = alpha / size if alpha_over_size else alpha
+    return x / jnp.power(k + scale * squared_sum, beta)
+
+
+def _kernel_init(name: str, std: float) -> Any:
+    if name == "normal":
+        return nn.initializers.normal(stddev=std)
+    if name == "glorot":
+        return nn.initializers.glorot_uniform()
+    raise ValueError(f"unknown init {name!r}; expected 'normal' (paper, std 0.01) or 'glorot'")
+
+
+class FullyConnected(nn.Module):
+    """A dense layer that can also run as the equivalent k×k convolution.
+
+    The kernel is stored as ``(window*window*in_channels, features)``; on an
+    NHWC input of spatial size `window` this is flatten + matmul, and
+    ``dense=True`` slides the same weights, reshaped to (window, window,
+    in_channels, features), over any larger map.
+    """
+
+    features: int
+    window: int
+    kernel_init: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, dense: bool) -> jax.Array:
+        in_channels = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (self.window * self.window * in_channels, self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        x = x.astype(self.dtype)
+        if dense:
+            conv_kernel = kernel.reshape(self.window, self.window, in_channels, self.features)
+            y = jax.lax.conv_general_dilated(
+                x, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        else:
+            y = x.reshape(x.shape[0], -1) @ kernel
+        return y + bias
+
+
+class VGG(nn.Module):
+    """VGG configuration `variant` (paper Table 1).
+
+    Attributes:
+      variant: one of VARIANTS.
+      num_classes: width of fc8.
+      width_multiplier: scales every conv width (1.0 is the paper); for the
+        narrow networks of tests and demos.
+      fc_width: width of fc6 and fc7 (4096 in the paper).
+      crop_size: training crop side (224); fc6 sees (crop_size/32)² positions.
+      dropout_rate: after fc6 and fc7 when training (0.5).
+      initializer: 'normal' (zero mean, `init_std`, the paper's random init)
+        or 'glorot'. Biases are always zero.
+      lrn_alpha_over_size: Caffe's LRN convention (α/n) instead of AlexNet's.
+      dtype: compute dtype; param_dtype: storage dtype of the parameters.
+    """
+
+    variant: str = "D"
+    num_classes: int = 1000
+    width_multiplier: float = 1.0
+    fc_width: int = 4096
+    crop_size: int = 224
+    dropout_rate: float = 0.5
+    initializer: str = "normal"
+    init_std: float = 0.01
+    lrn_alpha_over_size: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def fc6_window(self) -> int:
+        return self.crop_size // 32
+
+    def conv_widths(self) -> tuple[int, ...]:
+        return tuple(max(1, round(width * self.width_multiplier)) for width in BLOCK_WIDTHS)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        dense: bool = False,
+        outputs: Sequence[str] | None = None,
+    ) -> jax.Array | dict[str, jax.Array]:
+        """Runs the network on mean-subtracted NHWC images.
+
+        Args:
+          x: (N, H, W, 3). With ``dense=False`` H = W = crop_size; with
+            ``dense=True`` both at least crop_size.
+          train: enables dropout (needs a 'dropout' rng).
+          dense: fully-convolutional head; returns (N, h, w, classes).
+          outputs: names from `feature_names(variant)`; when given, returns a
+            dict of those activations and stops after the last one needed.
+        """
+        _check_variant(self.variant)
+        if self.crop_size % 32:
+            raise ValueError(f"crop_size must be a multiple of 32, got {self.crop_size}")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"VGG expects NHWC RGB images (N, H, W, 3), got shape {x.shape}")
+        height, width = x.shape[1:3]
+        if dense and min(height, width) < self.crop_size:
+            raise ValueError(
+                f"dense evaluation needs images of at least crop_size={self.crop_size} "
+                f"on each side, got {height}x{width}"
+            )
+        if not dense and (height, width) != (self.crop_size, self.crop_size):
+            raise ValueError(
+                f"the crop head expects {self.crop_size}x{self.crop_size} images, got "
+                f"{height}x{width}; use dense=True for whole images"
+            )
+        wanted = set(outputs or ())
+        unknown = wanted - set(feature_names(self.variant))
+        if unknown:
+            raise ValueError(
+                f"unknown activation name(s) {sorted(unknown)} for VGG-{self.variant}; "
+                f"known: {feature_names(self.variant)}"
+            )
+        captured: dict[str, jax.Array] = {}
+
+        def keep(name: str, value: jax.Array) -> bool:
+            """Records `value` if requested; True once every request is met."""
+            if name in wanted:
+                captured[name] = value
+            return bool(wanted) and len(captured) == len(wanted)
+
+        kernel_init = _kernel_init(self.initializer, self.init_std)
+        x = x.astype(self.dtype)
+        for block, (kernels, channels) in enumerate(zip(_KERNELS[self.variant], self.conv_widths(), strict=True)):
+            for index, size in enumerate(kernels):
+                name = f"conv{block + 1}_{index + 1}"
+                x = nn.Conv(
+                    channels,
+                    (size, size),
+                    padding="SAME",
+                    kernel_init=kernel_init,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=name,
+                )(x)
+                if keep(name, x):
+                    return captured
+                x = nn.relu(x)
+                if keep(f"relu{block + 1}_{index + 1}", x):
+                    return captured
+                if _LRN_AFTER.get(self.variant) == name:
+                    x = local_response_norm(x, alpha_over_size=self.lrn_alpha_over_size)
+                    if keep("norm1", x):
+                        return captured
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = checkpoint_name(x, POOL_CHECKPOINT_NAME)
+            if keep(f"pool{block + 1}", x):
+                return captured
+
+        head = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init)
+        x = FullyConnected(self.fc_width, self.fc6_window, name="fc6", **head)(x, dense)
+        x = nn.relu(x)
+        if keep("fc6", x):
+            return captured
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = FullyConnected(self.fc_width, 1, name="fc7", **head)(x, dense)
+        x = nn.relu(x)
+        if keep("fc7", x):
+            return captured
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = FullyConnected(self.num_classes, 1, name="fc8", **head)(x, dense)
+        if keep("fc8", x):
+            return captured
+        return x
+
+
+def parameter_count(variant: str, num_classes: int = 1000, crop_size: int = 224, **kwargs: Any) -> int:
+    """Number of parameters, computed from shapes alone (no allocation)."""
+    model = VGG(variant=variant, num_classes=num_classes, crop_size=crop_size, **kwargs)
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, crop_size, crop_size, 3), jnp.float32)
+    )
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(shapes))
+
+
+def main() -> None:
+    """Prints the Markdown table of parameter counts used in the README."""
+    print("| config | weight layers | parameters |")
+    print("|---|---|---|")
+    for variant in VARIANTS:
+        print(f"| {variant} | {len(layer_names(variant))} | {parameter_count(variant):,} |")
+
+
+if __name__ == "__main__":
+    main()
