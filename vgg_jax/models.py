@@ -294,6 +294,23 @@ class VGG(nn.Module):
         return x
 
 
+def from_config(config: Any, *, dtype: Any = None) -> VGG:
+    """The network a run config describes (``config.model``, ``crop_size``, ``compute_dtype``)."""
+    model = dict(config.model)
+    return VGG(
+        variant=model["variant"],
+        num_classes=model["num_classes"],
+        width_multiplier=model.get("width_multiplier", 1.0),
+        fc_width=model.get("fc_width", 4096),
+        crop_size=config.crop_size,
+        dropout_rate=model.get("dropout_rate", 0.5),
+        initializer=model.get("initializer", "normal"),
+        init_std=model.get("init_std", 0.01),
+        lrn_alpha_over_size=model.get("lrn_alpha_over_size", False),
+        dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
+    )
+
+
 def parameter_count(variant: str, num_classes: int = 1000, crop_size: int = 224, **kwargs: Any) -> int:
     """Number of parameters, computed from shapes alone (no allocation)."""
     model = VGG(variant=variant, num_classes=num_classes, crop_size=crop_size, **kwargs)
