@@ -99,6 +99,8 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.keep_best_checkpoints = 1
+    # > 0: save and stop after this many steps of one invocation, as on preemption (for time-limited job slots).
+    config.stop_after_steps = -1
     config.distributed = ml_collections.ConfigDict(
         dict(initialize="auto", coordinator_address="", num_processes=-1, process_id=-1, heartbeat_timeout_seconds=60)
     )

@@ -1,0 +1,112 @@
+"""Paper §3.1 optimisation: SGD + momentum 0.9, L2 5e-4, lr 1e-2 ÷10 on plateaus.
+
+The update is ``optax.chain(add_decayed_weights(5e-4, mask), sgd(lr, 0.9))``:
+the L2 penalty is coupled (its gradient, wd·w, joins the loss gradient before
+momentum, as Caffe's weight_decay does), and by default it skips biases
+(Caffe's decay_mult 0) [choice, `decay_biases`].
+
+The learning rate is an injected hyper-parameter of the chain, so it lives in
+the optimiser state and is checkpointed with it. Two ways to drive it:
+
+* 'plateau' (the paper): after each validation, `PlateauControl` feeds the
+  top-1 error to `optax.contrib.reduce_on_plateau` and the rate becomes
+  base_lr × its scale — ÷10 after `patience` evaluations without an
+  improvement of at least `threshold`, at most `max_reductions` times.
+* 'step': ÷10 at fixed epochs (`step_boundaries_epochs`), the usual
+  reproducible alternative.
+
+Note: optax's SGD keeps the momentum of raw gradients and multiplies by the
+current rate, while Caffe accumulates lr·gradient; the two only differ for a
+few steps after each of the (three) rate drops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from optax import contrib
+
+
+def weight_decay_mask(params: Any, decay_biases: bool = False) -> Any:
+    """True for the leaves the L2 penalty applies to: kernels, and biases if asked."""
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        name = getattr(path[-1], "key", str(path[-1]))
+        return name != "bias" or decay_biases
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _sgd_with_l2(learning_rate: Any, momentum: float, weight_decay: float, decay_biases: bool) -> Any:
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=lambda p: weight_decay_mask(p, decay_biases)),
+        optax.sgd(learning_rate, momentum=momentum),
+    )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule | float:
+    """The base rate: a constant for 'plateau' (the control scales it), a step schedule for 'step'."""
+    if config.lr_schedule == "plateau":
+        return float(config.learning_rate)
+    if config.lr_schedule == "step":
+        boundaries = {int(round(epoch * steps_per_epoch)): 0.1 for epoch in config.step_boundaries_epochs}
+        return optax.piecewise_constant_schedule(float(config.learning_rate), boundaries)
+    raise ValueError(f"config.lr_schedule must be 'plateau' or 'step', got {config.lr_schedule!r}")
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The paper's SGD; its state carries the current learning rate (`current_learning_rate`)."""
+    return optax.inject_hyperparams(_sgd_with_l2, static_args=("momentum", "weight_decay", "decay_biases"))(
+        learning_rate=learning_rate_schedule(config, steps_per_epoch),
+        momentum=float(config.momentum),
+        weight_decay=float(config.weight_decay),
+        decay_biases=bool(config.decay_biases),
+    )
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array:
+    return opt_state.hyperparams["learning_rate"]
+
+
+def with_learning_rate(opt_state: Any, learning_rate: float | jax.Array) -> Any:
+    """`opt_state` with its injected rate replaced (used by the plateau control)."""
+    current = opt_state.hyperparams["learning_rate"]
+    hyperparams = dict(opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate, current.dtype))
+    return opt_state._replace(hyperparams=hyperparams)
+
+
+class PlateauControl:
+    """The paper's rule: divide the rate by 10 when validation top-1 error stops improving."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        plateau = config.plateau
+        if plateau.patience < 1 or not 0 < plateau.factor < 1:
+            raise ValueError(
+                f"config.plateau needs patience >= 1 and 0 < factor < 1, got {plateau.patience}, {plateau.factor}"
+            )
+        self.base_learning_rate = float(config.learning_rate)
+        self.max_reductions = int(plateau.max_reductions)
+        self._transform = contrib.reduce_on_plateau(
+            factor=float(plateau.factor),
+            patience=int(plateau.patience),
+            rtol=0.0,
+            atol=float(plateau.threshold),
+            cooldown=int(plateau.cooldown),
+            accumulation_size=1,
+            min_scale=float(plateau.factor) ** self.max_reductions,
+        )
+
+    def init(self) -> Any:
+        return self._transform.init({})
+
+    def update(self, state: Any, validation_error: float) -> Any:
+        """Feeds one validation result; returns the new control state."""
+        _, state = self._transform.update({}, state, value=jnp.asarray(validation_error, jnp.float32))
+        return state
+
+    def learning_rate(self, state: Any) -> float:
+        return self.base_learning_rate * float(state.scale)
