@@ -69,6 +69,9 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     config.mean_rgb = CAFFE_MEAN_RGB
     config.shuffle_buffer = 16_384
     config.corrupt_images = "skip"  # or 'fail'
+    # The training stream is cut into this many shards (0: one per process); each process reads
+    # input_shards / process_count of them, so a 1-process run can reproduce a multi-host run exactly.
+    config.input_shards = 0
 
     # Paper §3.1: optimisation.
     config.global_batch_size = 256

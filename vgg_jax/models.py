@@ -123,7 +123,9 @@ def _kernel_init(name: str, std: float) -> Any:
         return nn.initializers.normal(stddev=std)
     if name == "glorot":
         return nn.initializers.glorot_uniform()
-    raise ValueError(f"unknown init {name!r}; expected 'normal' (paper, std 0.01) or 'glorot'")
+    if name == "he":  # not in the paper: He et al. (2015), what torchvision's VGG uses
+        return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+    raise ValueError(f"unknown initializer {name!r}; expected 'normal' (paper, std 0.01), 'glorot' or 'he'")
 
 
 class FullyConnected(nn.Module):
@@ -174,8 +176,10 @@ class VGG(nn.Module):
       fc_width: width of fc6 and fc7 (4096 in the paper).
       crop_size: training crop side (224); fc6 sees (crop_size/32)² positions.
       dropout_rate: after fc6 and fc7 when training (0.5).
-      initializer: 'normal' (zero mean, `init_std`, the paper's random init)
-        or 'glorot'. Biases are always zero.
+      initializer: 'normal' (zero mean, `init_std`, the paper's random init),
+        'glorot' (the paper's alternative to pre-training net A) or 'he'
+        (not in the paper; trains deep nets from scratch fastest). Biases
+        are always zero.
       lrn_alpha_over_size: Caffe's LRN convention (α/n) instead of AlexNet's.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
     """

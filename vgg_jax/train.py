@@ -474,12 +474,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if stop and step < total_steps:
                     logging.warning("stopped early: saved step %d; rerun the same command to resume", step)
                     break
+            logging.info(
+                "process %d: parameter checksum at step %d: %.17g", jax.process_index(), step, parameter_checksum(state)
+            )
         finally:
             manager.wait_until_finished()
             manager.close()
             writer.flush()
             writer.close()
     return state
+
+
+def parameter_checksum(state: TrainState) -> float:
+    """Sum of |w| over this process's copy of the replicated parameters: equal on every process."""
+    return float(
+        sum(
+            np.abs(np.asarray(leaf.addressable_data(0), np.float64)).sum()
+            for leaf in jax.tree_util.tree_leaves(state.params)
+        )
+    )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

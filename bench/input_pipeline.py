@@ -1,0 +1,229 @@
+"""Training input-pipeline throughput (paper §3.1 augmentation), tf.data vs a PIL reference.
+
+Makes ImageNet-like JPEGs (about 500×375, quality 90) by random crops and resizes of the photos that
+scikit-learn and scikit-image ship, then times, on the same files and in the same run:
+
+- ``tf_fast``: vgg_jax's training op (`input_pipeline.random_rescaled_crop`): JPEG decoded only inside
+  the crop's window (`tf.io.decode_and_crop_jpeg`), rescale+crop in one antialiased `ScaleAndTranslate`;
+- ``tf_fast_bilinear``: the same with ``resize='fast'`` (config.resize_method): plain bilinear of the
+  window (no antialiasing), nearest-pixel alignment;
+- ``tf_naive``: full decode → `rescale_smaller_side` → random crop → flip (the textbook tf.data way);
+- ``pil``: what a PyTorch DataLoader typically runs: `Image.open().convert('RGB')`, resize smaller side
+  to S (bilinear), random crop, flip, to uint8 array; on all cores with one worker process per core.
+
+S ~ U{256..512}, crop 224, flip; batches of 64. Each measurement runs in a fresh process pinned to 1 core
+or to all cores; images/s is the median over `--repeats` passes over the files (after one warm-up pass).
+
+    python bench/input_pipeline.py            # ~500 images, a few minutes on 2 cores
+    python bench/input_pipeline.py --tiny     # seconds: small images, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_images(out_dir: str, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+    """`count` JPEGs (q90) of about `size` (W, H), random crops/resizes of packaged photos; a third portrait."""
+    import skimage.data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = list(load_sample_images().images)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        photo = getattr(skimage.data, name)()
+        if photo.ndim == 3 and photo.shape[2] == 3:
+            photos.append(photo)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        frac = rng.uniform(0.5, 1.0)
+        ch, cw = max(8, int(h * frac)), max(8, int(w * frac * rng.uniform(0.8, 1.0)))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        target = size if i % 3 else size[::-1]
+        jitter = rng.uniform(0.9, 1.1)
+        target = (int(target[0] * jitter), int(target[1] * jitter))
+        image = Image.fromarray(photo[y : y + ch, x : x + cw]).resize(target, Image.BILINEAR)
+        path = os.path.join(out_dir, f"img_{i:04d}.jpg")
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact") -> list[float]:
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(cores)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    sys.path.insert(0, REPO)
+    from vgg_jax import input_pipeline as ip
+
+    smin, smax, crop = args.scale_min, args.scale_max, args.crop
+
+    def naive(data, seed):
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        s = tf.random.stateless_uniform([], seed=seeds[0], minval=smin, maxval=smax + 1, dtype=tf.int32)
+        image = ip.rescale_smaller_side(tf.io.decode_image(data, channels=3, expand_animations=False), s)
+        image = tf.image.stateless_random_crop(image, [crop, crop, 3], seed=seeds[1])
+        return tf.image.stateless_random_flip_left_right(image, seed=seeds[2])
+
+    def augment(index, path):
+        data = tf.io.read_file(path)
+        seed = tf.stack([tf.constant(0, tf.int64), index])
+        if fast:
+            kwargs = dict(scale_min=smin, scale_max=smax, crop=crop, flip=True, resize=resize)
+            return ip.random_rescaled_crop(data, seed, **kwargs)[0]
+        return naive(data, seed)
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    options.threading.max_intra_op_parallelism = 1
+    ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
+    ds = ds.map(augment, num_parallel_calls=cores).batch(args.batch).prefetch(2).with_options(options)
+    rates = []
+    for _ in range(args.repeats + 1):
+        start, n = time.perf_counter(), 0
+        for batch in ds:
+            n += int(batch.shape[0])
+        rates.append(n / (time.perf_counter() - start))
+    return rates[1:]
+
+
+def _pil_one(task):
+    from PIL import Image
+
+    path, s, u, v, flip, crop = task
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        w, h = image.size
+        if w < h:
+            new = (s, round(h * s / w))
+        else:
+            new = (round(w * s / h), s)
+        image = image.resize(new, Image.BILINEAR)
+        x, y = int(u * (new[0] - crop + 1)), int(v * (new[1] - crop + 1))
+        image = image.crop((x, y, x + crop, y + crop))
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(image, np.uint8)
+
+
+def _pil_worker(paths, args, cores: int) -> list[float]:
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(0)
+    tasks = []
+    for path in paths:
+        scale = int(rng.integers(args.scale_min, args.scale_max + 1))
+        tasks.append((path, scale, rng.random(), rng.random(), rng.random() < 0.5, args.crop))
+    pool = mp.get_context("fork").Pool(cores) if cores > 1 else None
+    rates = []
+    for _ in range(args.repeats + 1):
+        start, n = time.perf_counter(), 0
+        results = pool.imap(_pil_one, tasks, chunksize=8) if pool else map(_pil_one, tasks)
+        batch = []
+        for image in results:
+            batch.append(image)
+            if len(batch) == args.batch:
+                n += len(np.stack(batch))
+                batch = []
+        n += len(np.stack(batch)) if batch else 0
+        rates.append(n / (time.perf_counter() - start))
+    if pool:
+        pool.close()
+    return rates[1:]
+
+
+def _run_worker(args) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if args.cores == 1:
+        os.sched_setaffinity(0, {cores[0]})
+    n = len(os.sched_getaffinity(0))
+    paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.endswith(".jpg"))
+    if args.worker == "pil":
+        rates = _pil_worker(paths, args, n)
+    else:
+        resize = "fast" if args.worker == "tf_fast_bilinear" else "exact"
+        rates = _tf_worker(paths, args, n, fast=args.worker != "tf_naive", resize=resize)
+    print("RESULT " + json.dumps({"pipeline": args.worker, "cores": n, "rates": rates}))
+
+
+def _measure(args, pipeline: str, cores: int) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), f"--_worker={pipeline}", f"--_cores={cores}"]
+    command += [f"--_images={args.images}", f"--repeats={args.repeats}", f"--batch={args.batch}"]
+    command += [f"--scale_min={args.scale_min}", f"--scale_max={args.scale_max}", f"--crop={args.crop}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{pipeline} on {cores} core(s) failed:\n{out.stderr[-3000:]}")
+    result = json.loads(line[len("RESULT ") :])
+    result["median"] = statistics.median(result["rates"])
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="16 small images, tf_fast and pil, 1 core: seconds")
+    parser.add_argument("--num_images", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--scale_min", type=int, default=256)
+    parser.add_argument("--scale_max", type=int, default=512)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--pipelines", default="tf_fast,tf_fast_bilinear,tf_naive,pil")
+    parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--_worker", dest="worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--_cores", dest="cores", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--_images", dest="images", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _run_worker(args)
+        return {}
+    size = (500, 375)
+    if args.tiny:
+        args.num_images, args.repeats, args.batch = 16, 1, 8
+        args.scale_min, args.scale_max, args.crop = 64, 96, 56
+        size = (120, 90)
+        args.pipelines = "tf_fast,pil"
+    all_cores = 1 if args.tiny else len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        args.images = tmp
+        make_images(tmp, args.num_images, size)
+        results = []
+        for pipeline in args.pipelines.split(","):
+            for cores in sorted({1, all_cores}):
+                result = _measure(args, pipeline, cores)
+                results.append(result)
+                print(f"{pipeline:9s} {result['cores']} core(s): {result['median']:8.1f} images/s", flush=True)
+    summary = {"results": results, "num_images": args.num_images, "image_size": size, "tiny": args.tiny}
+    by = {(r["pipeline"], r["cores"]): r["median"] for r in results}
+    for cores in sorted({r["cores"] for r in results}):
+        if ("tf_fast", cores) in by and ("pil", cores) in by:
+            speedup = by[("tf_fast", cores)] / by[("pil", cores)]
+            summary[f"speedup_vs_pil_{cores}core"] = speedup
+            print(f"tf_fast / pil on {cores} core(s): {speedup:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The command line: resolved config printed, clear errors for bad fields, data sets and workdirs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--config=configs/a.py:demo",
+    "--config.model.width_multiplier=0.0625",
+    "--config.model.fc_width=16",
+    "--config.global_batch_size=8",
+    "--config.num_train_steps=2",
+    "--config.eval_every_steps=2",
+    "--config.log_every_steps=1",
+]
+
+
+def run_main(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "vgg_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_trains_prints_config_and_progress(tmp_path):
+    result = run_main(*TINY, f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "variant: A" in result.stdout and "width_multiplier: 0.0625" in result.stdout
+    log = result.stderr
+    assert "step 2/2" in log and "img/s" in log and "ETA" in log and "loss" in log
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2]
+    assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 2
+
+
+def test_cli_unknown_field_is_named(tmp_path):
+    result = run_main(*TINY, "--config.no_such_field=3", f"--workdir={tmp_path}")
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_missing_dataset_is_named(tmp_path):
+    result = run_main(*TINY, "--config.dataset=no_such_dataset_xyz", f"--workdir={tmp_path}")
+    assert result.returncode != 0
+    assert "no_such_dataset_xyz" in result.stderr
+    assert "demo" in result.stderr  # points at the data set that needs no download
+
+
+def test_cli_unwritable_workdir_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_main(*TINY, f"--workdir={blocker}/run")
+    assert result.returncode != 0
+    assert "workdir" in result.stderr and str(blocker) in result.stderr
