@@ -271,6 +271,21 @@ def test_train_shards_disjoint_and_cover(digits_dir):
     assert max(seen[0]) < 719 <= min(seen[1]) and max(seen[1]) < 1437
 
 
+def test_input_shards_make_one_process_see_what_two_hosts_see(digits_dir):
+    config = make_config(digits_dir, global_batch_size=64, input_shards=2)
+    assert ip.steps_per_epoch(config, process_count=1) == ip.steps_per_epoch(config, process_count=2) == 22
+    alone = ip.create_train_iterator(config, start_step=3, process_index=0, process_count=1)
+    hosts = [ip.create_train_iterator(config, start_step=3, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(2):
+        batch = next(alone)
+        parts = [next(host) for host in hosts]
+        assert batch["image"].shape == (64, 16, 16, 3) and parts[0]["image"].shape == (32, 16, 16, 3)
+        np.testing.assert_array_equal(batch["image"], np.concatenate([p["image"] for p in parts]))
+        np.testing.assert_array_equal(batch["label"], np.concatenate([p["label"] for p in parts]))
+    with pytest.raises(ValueError, match="input_shards=3"):
+        ip.create_train_iterator(make_config(digits_dir, input_shards=3), process_index=0, process_count=2)
+
+
 def test_eval_shards_disjoint_cover_and_padding(digits_dir):
     config = make_config(digits_dir, eval_batch_size=6)
     split = "test[:10]"  # 3 processes: shards of 4, 3, 3 examples; local batch 2 → 2 batches everywhere

@@ -260,9 +260,25 @@ def _check_corrupt_mode(config) -> str:
     return mode
 
 
+def input_shards(config, process_count: int) -> int:
+    """How many shards the training stream is cut into (config.input_shards; 0 = one per process).
+
+    The stream is a function of the shard count alone: each process reads
+    input_shards / process_count consecutive shards and stacks their batches, so
+    one process can reproduce exactly what several hosts see together.
+    """
+    shards = int(config.get("input_shards", 0)) or process_count
+    if shards % process_count:
+        raise ValueError(
+            f"config.input_shards={shards} must be a multiple of the number of processes ({process_count})"
+        )
+    return shards
+
+
 def steps_per_epoch(config, *, process_count: int | None = None) -> int:
-    """Training steps per epoch, the same on every process: (N // process_count) // local_batch."""
+    """Training steps per epoch, the same on every process: (N // input_shards) // shard_batch."""
     _, count = _processes(0, process_count)
+    count = input_shards(config, count)
     local = _local_batch(int(config.global_batch_size), count, "global_batch_size")
     builder = get_dataset_builder(config)
     _check_split(builder, config.train_split, "train_split")
@@ -532,14 +548,14 @@ def _stateless_key(*parts) -> tf.Tensor:
 class _Iterator:
     """Numpy iterator over a tf.data pipeline; corrupt-record errors become `CorruptImageError`."""
 
-    def __init__(self, ds: tf.data.Dataset, corrupt: _CorruptRecords, keys: tuple[str, ...]):
+    def __init__(self, ds: tf.data.Dataset, corrupt: _CorruptRecords | list[_CorruptRecords], keys: tuple[str, ...]):
         self._it = iter(ds)
-        self._corrupt = corrupt
+        self._corrupt = corrupt if isinstance(corrupt, list) else [corrupt]
         self._keys = keys
 
     @property
     def num_skipped_corrupt(self) -> int:
-        return self._corrupt.count
+        return sum(counter.count for counter in self._corrupt)
 
     def __iter__(self):
         return self
@@ -617,7 +633,21 @@ def create_train_iterator(
     batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt` counts skipped records.
     """
     index, count = _processes(process_index, process_count)
-    ds, corrupt = _train_dataset(config, start_step=start_step, process_index=index, process_count=count)
+    shards = input_shards(config, count)
+    _local_batch(int(config.global_batch_size), count, "global_batch_size")
+    per_process = shards // count
+    streams = [
+        _train_dataset(config, start_step=start_step, process_index=shard, process_count=shards)
+        for shard in range(index * per_process, (index + 1) * per_process)
+    ]
+    if per_process == 1:
+        ds, corrupt = streams[0]
+    else:
+        # Rows in shard order, as the processes' rows are ordered in the global batch.
+        ds = tf.data.Dataset.zip(tuple(stream for stream, _ in streams)).map(
+            lambda *batches: {key: tf.concat([batch[key] for batch in batches], 0) for key in batches[0]}
+        )
+        corrupt = [c for _, c in streams]
     return _Iterator(ds, corrupt, ("image", "label"))
 
 

@@ -1,0 +1,494 @@
+"""Import published VGG weights (paper §2 networks) into a vgg_jax run directory.
+
+Sources:
+
+* **Keras** ``keras.applications`` VGG16 / VGG19 (configs D, E): the legacy
+  ``.h5`` layout (a group per layer with a ``weight_names`` attribute, at the
+  root or under ``model_weights``, as in the published
+  ``vgg16_weights_tf_dim_ordering_tf_kernels.h5``) and Keras 3's
+  ``.weights.h5`` (``layers/<path>/vars/0,1`` with the layer name in the
+  ``vars`` group's ``name`` attribute). Read with h5py; Keras is not needed.
+  Layer names: ``block{b}_conv{i}`` → ``conv{b}_{i}``, ``fc1/fc2/predictions``
+  → ``fc6/fc7/fc8``. Kernels are already HWIO / (in, out) and Keras' Flatten on
+  NHWC gives the same (h, w, c) row order as ours.
+* **torchvision** ``vgg11/13/16/19`` state dicts (configs A, B, D, E; no
+  batch-norm variants), read with ``torch.load(..., weights_only=True)``:
+  conv OIHW → HWIO, linear (out, in) → (in, out), fc6's rows reordered from
+  NCHW flattening (c, h, w) to NHWC flattening (h, w, c).
+
+Preprocessing is absorbed into conv1_1 so that every run directory uses the
+project's convention (RGB, 0–255, minus ``config.mean_rgb``, no std):
+
+* Keras / Caffe: the net expects BGR minus the BGR mean. Reversing conv1_1's
+  input-channel axis turns it into an RGB net; ``mean_rgb`` = Caffe's
+  (123.68, 116.779, 103.939).
+* torchvision: ``(x/255 - mean) / std`` = ``(x - 255·mean) / (255·std)``:
+  ``mean_rgb`` = 255·mean and conv1_1's input channels are divided by 255·std.
+  Exact, including the borders: the zero padding is applied after the
+  normalisation in both frameworks.
+
+The original preprocessing is recorded in ``config.preprocessing`` and in the
+checkpoint's ``meta``. Widths (``width_multiplier``, ``fc_width``), the number
+of classes and the crop size (from fc6's fan-in) are inferred from the shapes
+and checked against the variant's structure (Table 1); any mismatch is an error
+naming the layer and both shapes, raised before anything is written.
+
+Usage::
+
+    python -m vgg_jax.convert --source=keras --weights=vgg16.weights.h5 --variant=D --out=runs/keras_vgg16
+    python -m vgg_jax.convert --source=torchvision --weights=vgg19.pth --variant=E --out=runs/tv_vgg19 \\
+        --class_names=imagenet_classes.txt
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vgg_jax import checkpoints, models
+
+SOURCES = ("keras", "torchvision")
+KERAS_VARIANTS = {"D": "VGG16", "E": "VGG19"}
+TORCHVISION_VARIANTS = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+
+Params = dict[str, dict[str, np.ndarray]]
+
+
+class ConversionError(ValueError):
+    """The weight file does not match the requested variant (or is not a VGG file)."""
+
+
+# --------------------------------------------------------------------------- Keras
+
+
+def _decode(name: Any) -> str:
+    return name.decode("utf8") if isinstance(name, bytes) else str(name)
+
+
+def read_keras_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+    """Keras layer name → its weight arrays in Keras' order (kernel, bias), for both file layouts."""
+    import h5py
+
+    layers: dict[str, list[np.ndarray]] = {}
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" in root.attrs:  # legacy Keras 1/2 layout (and Keras 3's legacy model.save('x.h5'))
+            for layer in map(_decode, root.attrs["layer_names"]):
+                group = root[layer]
+                names = [_decode(n) for n in group.attrs.get("weight_names", [])]
+                if names:
+                    layers[layer] = [np.asarray(group[n][()]) for n in names]
+        elif "layers" in f:  # Keras 3 `.weights.h5`
+
+            def visit(group: Any) -> None:
+                for key, child in group.items():
+                    if not isinstance(child, h5py.Group):
+                        continue
+                    variables = child.get("vars")
+                    if isinstance(variables, h5py.Group) and len(variables):
+                        name = _decode(variables.attrs.get("name", key))
+                        order = sorted(variables.keys(), key=lambda k: int(k) if k.isdigit() else k)
+                        layers[name] = [np.asarray(variables[k][()]) for k in order]
+                    if "layers" in child:  # a nested model
+                        visit(child["layers"])
+
+            visit(f["layers"])
+        else:
+            raise ConversionError(
+                f"{path}: not a Keras weight file (neither a legacy .h5 with 'layer_names' nor a Keras 3 "
+                ".weights.h5 with a 'layers' group); top-level keys: {list(f.keys())}"
+            )
+    return layers
+
+
+def _keras_to_ours(name: str) -> str | None:
+    match = re.fullmatch(r"block(\d)_conv(\d)", name)
+    if match:
+        return f"conv{match.group(1)}_{match.group(2)}"
+    return {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}.get(name)
+
+
+def from_keras_h5(path: str | os.PathLike, variant: str, *, absorb_preprocessing: bool = True) -> Params:
+    """Parameters of `variant` (D or E) from a Keras VGG16/VGG19 weight file.
+
+    With `absorb_preprocessing` (default) conv1_1 is made to take RGB input
+    (its input channels reversed), so the network takes RGB minus
+    ``CAFFE_MEAN_RGB`` like every vgg_jax model.
+    """
+    if variant not in KERAS_VARIANTS:
+        raise ConversionError(f"Keras ships VGG16 (variant D) and VGG19 (variant E) only; got variant {variant!r}")
+    raw = read_keras_h5(path)
+    params: Params = {}
+    unexpected = []
+    for keras_name, arrays in raw.items():
+        ours = _keras_to_ours(keras_name)
+        if ours is None:
+            unexpected.append(keras_name)
+            continue
+        if len(arrays) != 2:
+            raise ConversionError(
+                f"{path}: Keras layer {keras_name!r} ({ours}) has {len(arrays)} weight arrays, expected kernel and "
+                f"bias; shapes {[a.shape for a in arrays]}"
+            )
+        kernel, bias = arrays
+        if kernel.ndim < bias.ndim:
+            kernel, bias = bias, kernel
+        params[ours] = {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
+    if unexpected:
+        raise ConversionError(
+            f"{path}: layer(s) {unexpected} are not part of a Keras VGG16/VGG19 classifier (expected block<b>_conv<i>, "
+            "fc1, fc2, predictions)"
+        )
+    if "fc6" not in params and "conv1_1" in params:
+        raise ConversionError(
+            f"{path}: no 'fc1' layer — this looks like an include_top=False ('notop') file, which holds only the "
+            "convolutional layers; convert a file with the classifier (fc1, fc2, predictions)"
+        )
+    params = dict(sorted(params.items(), key=lambda item: _layer_order(item[0])))
+    _check_structure(params, variant, path, source="keras", names=_keras_names(variant))
+    if absorb_preprocessing:
+        params["conv1_1"]["kernel"] = np.ascontiguousarray(params["conv1_1"]["kernel"][:, :, ::-1, :])
+    return params
+
+
+def _layer_order(layer: str) -> tuple[int, int]:
+    match = re.fullmatch(r"conv(\d)_(\d)", layer)
+    return (int(match.group(1)), int(match.group(2))) if match else (9, int(layer[2:]))
+
+
+def _keras_names(variant: str) -> dict[str, str]:
+    names = {}
+    for layer in models.layer_names(variant):
+        match = re.fullmatch(r"conv(\d)_(\d)", layer)
+        names[layer] = f"block{match.group(1)}_conv{match.group(2)}" if match else None
+    names.update(fc6="fc1", fc7="fc2", fc8="predictions")
+    return names
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_indices(variant: str) -> list[int]:
+    """Index in torchvision's `features` Sequential of each conv of `variant` (conv, ReLU, …, MaxPool)."""
+    indices, position = [], 0
+    for kernels in models._KERNELS[variant]:
+        for _ in kernels:
+            indices.append(position)
+            position += 2  # Conv2d, ReLU
+        position += 1  # MaxPool2d
+    return indices
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A torchvision state-dict file as NumPy arrays (``torch.load(..., weights_only=True)``)."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            "reading a torchvision .pth file needs PyTorch (`pip install torch`); alternatively pass a dict of "
+            "NumPy arrays to from_torchvision_state_dict"
+        ) from error
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ConversionError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state)}")
+    return {
+        key: value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        for key, value in state.items()
+    }
+
+
+def from_torchvision_state_dict(
+    state_dict_or_path: Mapping[str, Any] | str | os.PathLike, variant: str, *, absorb_preprocessing: bool = True
+) -> Params:
+    """Parameters of `variant` (A, B, D or E) from a torchvision ``vgg11/13/16/19`` state dict (or its file).
+
+    With `absorb_preprocessing` (default) conv1_1's input channels are divided
+    by 255·std, so the network takes RGB 0–255 minus 255·mean (torchvision's
+    normalisation, exactly).
+    """
+    if isinstance(state_dict_or_path, str | os.PathLike):
+        origin = str(state_dict_or_path)
+        state = load_torch_state_dict(state_dict_or_path)
+    else:
+        origin = "state dict"
+        state = {
+            k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            for k, v in state_dict_or_path.items()
+        }
+    if variant not in TORCHVISION_VARIANTS:
+        raise ConversionError(
+            f"torchvision ships vgg11/13/16/19 = variants {sorted(TORCHVISION_VARIANTS)}; got variant {variant!r}"
+        )
+    batch_norm = sorted(k for k in state if k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    if batch_norm:
+        raise ConversionError(
+            f"{origin}: batch-norm layers found ({batch_norm[:2]}…): this is a vgg*_bn state dict; only the "
+            "paper's networks without batch normalisation (vgg11/13/16/19) can be converted"
+        )
+    pattern = re.compile(r"(features|classifier)\.(\d+)\.(weight|bias)")
+    unknown = sorted(k for k in state if not pattern.fullmatch(k))
+    if unknown:
+        raise ConversionError(
+            f"{origin}: unexpected key(s) {unknown[:5]} for a torchvision VGG state dict (expected "
+            "features.<i>.weight/bias and classifier.<i>.weight/bias)"
+        )
+    conv_indices = sorted({int(pattern.fullmatch(k).group(2)) for k in state if k.startswith("features.")})
+    expected = _torchvision_indices(variant)
+    if conv_indices != expected:
+        guesses = [v for v in TORCHVISION_VARIANTS if _torchvision_indices(v) == conv_indices]
+        hint = f"; it looks like {TORCHVISION_VARIANTS[guesses[0]]} (variant {guesses[0]})" if guesses else ""
+        raise ConversionError(
+            f"{origin}: {len(conv_indices)} conv layers at features.{conv_indices}, but "
+            f"{TORCHVISION_VARIANTS[variant]} (variant {variant}) has {len(expected)} at features.{expected}{hint}"
+        )
+    fc_indices = sorted({int(pattern.fullmatch(k).group(2)) for k in state if k.startswith("classifier.")})
+    if fc_indices != [0, 3, 6]:
+        raise ConversionError(
+            f"{origin}: classifier layers at classifier.{fc_indices}, expected classifier.[0, 3, 6] (fc6, fc7, fc8)"
+        )
+
+    def get(key: str) -> np.ndarray:
+        if key not in state:
+            raise ConversionError(f"{origin}: {key} is missing")
+        return np.asarray(state[key], dtype=np.float32)
+
+    params: Params = {}
+    for name, index in zip(models.conv_layer_names(variant), expected, strict=True):
+        weight = get(f"features.{index}.weight")
+        if weight.ndim != 4:
+            raise ConversionError(f"{origin}: features.{index}.weight ({name}) has shape {weight.shape}, expected OIHW")
+        params[name] = {"kernel": weight.transpose(2, 3, 1, 0), "bias": get(f"features.{index}.bias")}
+    last_channels = params[models.conv_layer_names(variant)[-1]]["kernel"].shape[-1]
+    for name, index in (("fc6", 0), ("fc7", 3), ("fc8", 6)):
+        weight = get(f"classifier.{index}.weight")
+        if weight.ndim != 2:
+            raise ConversionError(
+                f"{origin}: classifier.{index}.weight ({name}) has shape {weight.shape}, expected 2-D"
+            )
+        if name == "fc6":
+            outputs, inputs = weight.shape
+            window = math.isqrt(inputs // last_channels) if inputs % last_channels == 0 else 0
+            if window == 0 or window * window * last_channels != inputs:
+                raise ConversionError(
+                    f"{origin}: classifier.0.weight (fc6) has shape {weight.shape}: its {inputs} inputs are not "
+                    f"k·k·{last_channels} (the last conv's width) for any k"
+                )
+            # NCHW flatten (c, h, w) → NHWC flatten (h, w, c).
+            weight = weight.reshape(outputs, last_channels, window, window).transpose(0, 2, 3, 1).reshape(outputs, -1)
+        params[name] = {"kernel": np.ascontiguousarray(weight.T), "bias": get(f"classifier.{index}.bias")}
+    names = {layer: _torchvision_key(variant, layer) for layer in models.layer_names(variant)}
+    _check_structure(params, variant, origin, source="torchvision", names=names)
+    if absorb_preprocessing:
+        scale = 255.0 * np.asarray(TORCHVISION_STD, np.float32)
+        params["conv1_1"]["kernel"] = params["conv1_1"]["kernel"] / scale[None, None, :, None]
+    return params
+
+
+def _torchvision_key(variant: str, layer: str) -> str:
+    fc = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
+    if layer in fc:
+        return fc[layer]
+    return f"features.{_torchvision_indices(variant)[models.conv_layer_names(variant).index(layer)]}"
+
+
+# --------------------------------------------------------------------------- structure check, config
+
+
+def infer_hyperparameters(params: Params, variant: str) -> dict[str, Any]:
+    """width_multiplier, fc_width, num_classes, crop_size implied by the shapes of `params`."""
+    for layer in ("conv1_1", "fc6", "fc7", "fc8"):
+        if layer not in params:
+            raise ConversionError(f"layer {layer} is missing from the weights")
+    width_multiplier = params["conv1_1"]["kernel"].shape[-1] / models.BLOCK_WIDTHS[0]
+    last = models.VGG(variant=variant, width_multiplier=width_multiplier).conv_widths()[-1]
+    rows = params["fc6"]["kernel"].shape[0]
+    window = math.isqrt(rows // last) if rows % last == 0 else 0
+    if window == 0 or window * window * last != rows:
+        raise ConversionError(
+            f"fc6 kernel has shape {params['fc6']['kernel'].shape}: {rows} rows are not k·k·{last} (the width of "
+            f"conv5 implied by conv1_1's {params['conv1_1']['kernel'].shape[-1]} channels) for any k"
+        )
+    return dict(
+        width_multiplier=width_multiplier,
+        fc_width=int(params["fc7"]["kernel"].shape[-1]),
+        num_classes=int(params["fc8"]["kernel"].shape[-1]),
+        crop_size=32 * window,
+    )
+
+
+def expected_shapes(variant: str, **hyperparameters: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Shapes of every parameter of VGG-`variant` with the given widths (from shapes alone)."""
+    crop = hyperparameters.get("crop_size", 224)
+    model = models.VGG(variant=variant, **hyperparameters)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.float32))
+    return {layer: {k: tuple(v.shape) for k, v in leaves.items()} for layer, leaves in shapes["params"].items()}
+
+
+def _check_structure(params: Params, variant: str, origin: str, *, source: str, names: Mapping[str, str]) -> None:
+    """Every layer of `variant` present with the shape the inferred widths imply, and nothing else."""
+    wanted = models.layer_names(variant)
+
+    def described(layer: str) -> str:
+        return f"{layer} ({source} {names[layer]!r})" if names.get(layer) else layer
+
+    missing = [layer for layer in wanted if layer not in params]
+    extra = [layer for layer in params if layer not in wanted]
+    if missing or extra:
+        guesses = [
+            v
+            for v in (KERAS_VARIANTS if source == "keras" else TORCHVISION_VARIANTS)
+            if set(models.layer_names(v)) == set(params)
+        ]
+        hint = f"; the file's layers match variant {guesses[0]}" if guesses else ""
+        problems = []
+        if missing:
+            problems.append("missing layer(s) " + ", ".join(described(m) for m in missing))
+        if extra:
+            problems.append("layer(s) not in VGG-" + variant + ": " + ", ".join(extra))
+        raise ConversionError(f"{origin}: does not match VGG-{variant}: {'; '.join(problems)}{hint}")
+    hyper = infer_hyperparameters(params, variant)
+    shapes = expected_shapes(variant, **hyper)
+    for layer in wanted:
+        for leaf in ("kernel", "bias"):
+            got = tuple(params[layer][leaf].shape)
+            want = shapes[layer][leaf]
+            if got != want:
+                raise ConversionError(
+                    f"{origin}: layer {described(layer)} {leaf} has shape {got} in the file but VGG-{variant} "
+                    f"(width_multiplier={hyper['width_multiplier']:g}, fc_width={hyper['fc_width']}, "
+                    f"num_classes={hyper['num_classes']}, crop_size={hyper['crop_size']}) expects {want}"
+                )
+
+
+def _load_common_configs() -> Any:
+    try:
+        from configs import common
+
+        return common
+    except ImportError:  # not run from the repository root: load configs/common.py beside the package
+        path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "common.py"
+        spec = importlib.util.spec_from_file_location("vgg_jax_configs_common", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def preprocessing_record(source: str, weights: str) -> dict[str, str]:
+    """What the original network expected and how it was absorbed (for config and meta)."""
+    if source == "keras":
+        original = "Caffe: BGR channel order, 0-255, minus the BGR mean (103.939, 116.779, 123.68); no std"
+        absorbed = "conv1_1 input channels reversed (BGR -> RGB); mean_rgb = (123.68, 116.779, 103.939)"
+    else:
+        original = f"torchvision: RGB / 255, minus mean {TORCHVISION_MEAN}, divided by std {TORCHVISION_STD}"
+        absorbed = "mean_rgb = 255 * mean; conv1_1 input channels divided by 255 * std"
+    return dict(source=source, weights=os.path.basename(str(weights)), original=original, absorbed=absorbed)
+
+
+def make_config(
+    params: Params,
+    variant: str,
+    *,
+    source: str,
+    weights: str,
+    class_names: Sequence[str] | None = None,
+) -> ml_collections.ConfigDict:
+    """A full run config (the paper's recipe for `variant`) describing converted `params`."""
+    hyper = infer_hyperparameters(params, variant)
+    config = _load_common_configs().get_config(variant)
+    config.model.width_multiplier = hyper["width_multiplier"]
+    config.model.fc_width = hyper["fc_width"]
+    config.model.num_classes = hyper["num_classes"]
+    config.crop_size = hyper["crop_size"]
+    if config.crop_size != 224:  # keep the paper's Q/crop ratio 256/224
+        config.scale_min = config.scale_max = config.eval_scale = round(config.crop_size * 256 / 224)
+    if hyper["num_classes"] != 1000:
+        config.dataset = ""  # not ImageNet; unknown
+    config.warm_start.layers = ()
+    config.mean_rgb = CAFFE_MEAN_RGB if source == "keras" else tuple(round(255 * m, 6) for m in TORCHVISION_MEAN)
+    if class_names is not None:
+        class_names = list(class_names)
+        if len(class_names) != hyper["num_classes"]:
+            raise ConversionError(
+                f"{len(class_names)} class names given but the weights have {hyper['num_classes']} classes (fc8)"
+            )
+    # Present (possibly None) in converted configs: inference uses it instead of looking up the data set.
+    config.class_names = class_names
+    config.preprocessing = preprocessing_record(source, weights)
+    return config
+
+
+def convert(
+    source: str,
+    weights: str | os.PathLike,
+    variant: str,
+    out: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> ml_collections.ConfigDict:
+    """Converts `weights` and writes a run directory at `out` that `vgg_jax.load` reads; returns its config."""
+    if source not in SOURCES:
+        raise ConversionError(f"unknown source {source!r}; expected one of {SOURCES}")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"weight file {weights} not found")
+    out = str(out)
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose a new --out")
+    if source == "keras":
+        params = from_keras_h5(weights, variant)
+    else:
+        params = from_torchvision_state_dict(weights, variant)
+    config = make_config(params, variant, source=source, weights=str(weights), class_names=class_names)
+    meta = dict(
+        source=source,
+        variant=variant,
+        weights=os.path.abspath(str(weights)),
+        preprocessing=dict(config.preprocessing),
+    )
+    checkpoints.save_params_only(out, params, config, meta=meta)
+    return config
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One class name per line (trailing empty lines ignored)."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--source", required=True, choices=SOURCES)
+    parser.add_argument("--weights", required=True, help="Keras .h5/.weights.h5 or torchvision .pth file")
+    parser.add_argument("--variant", required=True, help="D or E (keras); A, B, D or E (torchvision)")
+    parser.add_argument("--out", required=True, help="run directory to create")
+    parser.add_argument("--class_names", default=None, help="optional text file, one class name per line")
+    args = parser.parse_args(argv)
+    names = read_class_names(args.class_names) if args.class_names else None
+    try:
+        config = convert(args.source, args.weights, args.variant, args.out, class_names=names)
+    except (ConversionError, FileExistsError, FileNotFoundError) as error:
+        parser.exit(2, f"error: {error}\n")
+    print(
+        f"wrote {args.out}: VGG-{args.variant} from {args.source} ({config.model.num_classes} classes, "
+        f"crop {config.crop_size}, mean_rgb {tuple(config.mean_rgb)}); load it with vgg_jax.load({args.out!r})"
+    )
+
+
+if __name__ == "__main__":
+    main()

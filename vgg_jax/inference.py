@@ -1,0 +1,379 @@
+"""Notebook API: load a run, classify images, extract features (paper §3.2 testing, App. B features).
+
+    import vgg_jax
+    clf = vgg_jax.load("runs/demo")                  # latest step; step="best" or an int
+    clf.logits(crops)                                # uint8 (N, crop, crop, 3) RGB → (N, classes)
+    clf.predict(crops, top_k=5)                      # Prediction(class_ids, probabilities, names)
+    clf.predict(images, dense=True, scales=(256, 384, 512))   # the paper's dense multi-scale test
+    clf.features(crops, layer="pool5")               # named activations
+    clf.features(images, layer="fc7", dense=True)    # App. B descriptor (N, fc_width), unit L2 norm
+
+Images are always uint8 RGB NHWC with values 0–255; the run's preprocessing
+(minus ``config.mean_rgb``) is applied here. Converted weights (``convert.py``)
+have their own preprocessing absorbed into conv1_1, so they take the same input.
+
+Dense evaluation (paper §3.2): each image is rescaled so its smaller side is Q
+(bilinear, antialiased), the fully-convolutional net gives a class score map
+that is spatially averaged, soft-maxed, and averaged with the posterior of the
+horizontally flipped image; with several Q the posteriors are averaged over
+scales. The App. B descriptor is the same with an activation map instead of
+the score map: global average over positions, averaged over the image and its
+flip, L2-normalised per scale, averaged over scales and L2-normalised again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vgg_jax import checkpoints, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Top-k classes per image: ``class_ids`` and ``probabilities`` are (N, k); ``names`` is N lists of k or None."""
+
+    class_ids: np.ndarray
+    probabilities: np.ndarray
+    names: list[list[str]] | None
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def top1(self) -> np.ndarray:
+        """The most probable class of each image, (N,)."""
+        return self.class_ids[:, 0]
+
+    def __str__(self) -> str:
+        lines = []
+        for i, (ids, probs) in enumerate(zip(self.class_ids, self.probabilities, strict=True)):
+            labels = self.names[i] if self.names is not None else [str(c) for c in ids]
+            lines.append(f"{i}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(labels, probs, strict=True)))
+        return "\n".join(lines)
+
+
+def _simple_preprocess(images: jax.Array, *, mean_rgb: Any, dtype: Any = jnp.float32) -> jax.Array:
+    return images.astype(dtype) - jnp.asarray(mean_rgb, dtype)
+
+
+def _preprocessor() -> Any:
+    """The input pipeline's `preprocess_for_model` where it exists, else the same cast-and-subtract here."""
+    try:
+        from vgg_jax.input_pipeline import preprocess_for_model
+    except ImportError:
+        return _simple_preprocess
+    return lambda images, *, mean_rgb: preprocess_for_model(images, mean_rgb=mean_rgb)
+
+
+def _flip(images: jax.Array) -> jax.Array:
+    return images[:, :, ::-1, :]
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    resized = jax.image.resize(
+        images.astype(jnp.float32), (images.shape[0], *size, images.shape[3]), "linear", antialias=True
+    )
+    return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+
+
+def resize_smaller_side(images: np.ndarray | jax.Array, size: int) -> jax.Array:
+    """Isotropic rescale of uint8 NHWC images so that min(H, W) = `size` (bilinear, antialiased)."""
+    height, width = images.shape[1:3]
+    if min(height, width) == size:
+        return jnp.asarray(images)
+    if height <= width:
+        target = (size, max(size, round(width * size / height)))
+    else:
+        target = (max(size, round(height * size / width)), size)
+    return _resize(jnp.asarray(images), target)
+
+
+def center_crop(images: np.ndarray | jax.Array, size: int) -> jax.Array:
+    height, width = images.shape[1:3]
+    top, left = (height - size) // 2, (width - size) // 2
+    return jnp.asarray(images)[:, top : top + size, left : left + size, :]
+
+
+class Classifier:
+    """A VGG network with its parameters and preprocessing, for classification and features.
+
+    Attributes:
+      config: the run's config (``config.json``).
+      params: the parameters (nested dict of NumPy arrays, as restored).
+      model: the `vgg_jax.models.VGG` module.
+      class_names: list of names, or None when the data set has none.
+      step: the checkpoint step restored (None when built from parameters).
+      batch_size: images per device call; larger inputs are processed in chunks.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        params: Any,
+        *,
+        step: int | None = None,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 64,
+        dtype: Any = jnp.float32,
+    ):
+        self.config = config
+        self.params = params
+        self.step = step
+        self.batch_size = int(batch_size)
+        self.model = models.from_config(config, dtype=dtype)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.mean_rgb = tuple(float(m) for m in config.mean_rgb)
+        self._variables = {"params": jax.device_put(params)}
+        self._preprocess = _preprocessor()
+        self._functions: dict[tuple[Any, ...], Any] = {}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.config.crop_size)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names accepted by `features` (see `vgg_jax.models.feature_names`)."""
+        return models.feature_names(self.model.variant)
+
+    def __repr__(self) -> str:
+        model = self.model
+        return (
+            f"Classifier(VGG-{model.variant}, {model.num_classes} classes, width x{model.width_multiplier:g}, "
+            f"fc {model.fc_width}, crop {self.crop_size}, step {self.step}, mean_rgb {self.mean_rgb})"
+        )
+
+    # ------------------------------------------------------------------ jitted functions (cached per shape by jit)
+
+    def _inputs(self, images: Any) -> jax.Array:
+        return self._preprocess(images, mean_rgb=self.mean_rgb)
+
+    def _jitted(self, key: tuple[Any, ...], build: Any) -> Any:
+        """One `jax.jit` per (function, options); jit itself caches one compilation per input shape."""
+        if key not in self._functions:
+            self._functions[key] = jax.jit(build())
+        return self._functions[key]
+
+    @property
+    def _logits_fn(self) -> Any:
+        return self._jitted(
+            ("logits",), lambda: lambda variables, images: self.model.apply(variables, self._inputs(images))
+        )
+
+    def _activation_fn(self, layers: tuple[str, ...]) -> Any:
+        def activation(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+            return self.model.apply(variables, self._inputs(images), outputs=layers)
+
+        return self._jitted(("activation", layers), lambda: activation)
+
+    @property
+    def _dense_posterior_fn(self) -> Any:
+        def posterior(variables: Any, images: jax.Array) -> jax.Array:
+            both = jnp.concatenate([images, _flip(images)])
+            scores = self.model.apply(variables, self._inputs(both), dense=True)  # (2N, h, w, classes)
+            probabilities = jax.nn.softmax(scores.astype(jnp.float32).mean(axis=(1, 2)), axis=-1)
+            return 0.5 * (probabilities[: len(images)] + probabilities[len(images) :])
+
+        return self._jitted(("dense_posterior",), lambda: posterior)
+
+    def _dense_descriptor_fn(self, layers: tuple[str, ...], normalize: bool) -> Any:
+        def descriptor(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+            both = jnp.concatenate([images, _flip(images)])
+            maps = self.model.apply(variables, self._inputs(both), dense=True, outputs=layers)
+            result = {}
+            for layer, value in maps.items():
+                pooled = value.astype(jnp.float32).mean(axis=(1, 2))
+                pooled = 0.5 * (pooled[: len(images)] + pooled[len(images) :])
+                result[layer] = _l2_normalize(pooled) if normalize else pooled
+            return result
+
+        return self._jitted(("dense_descriptor", layers, normalize), lambda: descriptor)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_images(self, images: Any, *, crop: bool) -> np.ndarray | jax.Array:
+        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+            images = np.asarray(images)
+        expected = f"(N, {self.crop_size}, {self.crop_size}, 3)" if crop else "(N, H, W, 3)"
+        if images.dtype != np.uint8:
+            raise TypeError(
+                f"expected uint8 RGB images with values 0-255 of shape {expected}, got dtype {images.dtype}; "
+                "for floats in [0, 1] use (x * 255).round().astype(np.uint8)"
+            )
+        if images.ndim != 4 or images.shape[-1] != 3:
+            hint = " (add a batch axis: images[None])" if images.ndim == 3 and images.shape[-1] == 3 else ""
+            hint = hint or (" (grey images: np.repeat(x[..., None], 3, -1))" if images.ndim == 3 else "")
+            raise ValueError(f"expected uint8 RGB images of shape {expected}, got shape {images.shape}{hint}")
+        if crop and images.shape[1:3] != (self.crop_size, self.crop_size):
+            raise ValueError(
+                f"expected images of shape {expected} (the crop size), got shape {images.shape}; use "
+                "clf.prepare(images) to rescale and centre-crop, or dense=True for images of any size"
+            )
+        return images
+
+    def _scales(self, scales: int | Sequence[int] | None) -> tuple[int, ...]:
+        if scales is None:
+            scales = (int(self.config.eval_scale),)
+        elif isinstance(scales, int | np.integer):
+            scales = (int(scales),)
+        scales = tuple(int(q) for q in scales)
+        too_small = [q for q in scales if q < self.crop_size]
+        if not scales or too_small:
+            raise ValueError(
+                f"dense evaluation needs test scales Q >= crop_size={self.crop_size}, got {scales or 'none'}"
+            )
+        return scales
+
+    def _map(self, fn: Any, images: Any) -> Any:
+        """Applies `fn(variables, batch)` in chunks of `batch_size` (the last padded); NumPy (pytree) result."""
+        count = len(images)
+        if count <= self.batch_size:
+            return jax.tree_util.tree_map(np.asarray, fn(self._variables, jnp.asarray(images)))
+        outputs = []
+        for start in range(0, count, self.batch_size):
+            chunk = jnp.asarray(images[start : start + self.batch_size])
+            real = len(chunk)
+            if real < self.batch_size:  # same shape for every call: one compilation
+                pad = jnp.repeat(chunk[-1:], self.batch_size - real, axis=0)
+                chunk = jnp.concatenate([chunk, pad])
+            outputs.append(
+                jax.tree_util.tree_map(lambda x, real=real: np.asarray(x)[:real], fn(self._variables, chunk))
+            )
+        return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
+
+    # ------------------------------------------------------------------ public API
+
+    def prepare(self, images: Any, scale: int | None = None) -> np.ndarray:
+        """Rescales uint8 images so the smaller side is `scale` (default ``config.eval_scale``), centre-crops."""
+        images = self._check_images(images, crop=False)
+        scale = int(scale or self.config.eval_scale)
+        if scale < self.crop_size:
+            raise ValueError(f"scale {scale} is smaller than the crop size {self.crop_size}")
+        return np.asarray(center_crop(resize_smaller_side(images, scale), self.crop_size))
+
+    def logits(self, images: Any) -> np.ndarray:
+        """uint8 RGB (N, crop, crop, 3) → float32 logits (N, classes)."""
+        images = self._check_images(images, crop=True)
+        return self._map(self._logits_fn, images).astype(np.float32)
+
+    def probabilities(
+        self, images: Any, *, dense: bool = False, scales: int | Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Soft-max posteriors (N, classes): of the crops, or the paper's dense multi-scale protocol."""
+        if not dense:
+            return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+        images = self._check_images(images, crop=False)
+        scales = self._scales(scales)
+        total = sum(self._map(self._dense_posterior_fn, resize_smaller_side(images, q)) for q in scales)
+        return total / len(scales)
+
+    def predict(
+        self,
+        images: Any,
+        top_k: int = 5,
+        *,
+        dense: bool = False,
+        scales: int | Sequence[int] | None = None,
+    ) -> Prediction:
+        """Top-k classes with probabilities (and names where the data set has them).
+
+        ``dense=False``: `images` are crops (N, crop, crop, 3). ``dense=True``:
+        images of any size (at least the crop size after rescaling), rescaled
+        to each Q in `scales` (default ``config.eval_scale``), dense over the
+        image and its flip, posteriors averaged (paper §3.2).
+        """
+        probabilities = self.probabilities(images, dense=dense, scales=scales)
+        k = max(1, min(int(top_k), probabilities.shape[-1]))
+        ids = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+        top = np.take_along_axis(probabilities, ids, axis=-1)
+        names = None
+        if self.class_names is not None:
+            names = [[self.class_names[c] for c in row] for row in ids]
+        return Prediction(class_ids=ids, probabilities=top, names=names)
+
+    def features(
+        self,
+        images: Any,
+        layer: str | Sequence[str] = "fc7",
+        *,
+        dense: bool = False,
+        scales: int | Sequence[int] | None = None,
+        normalize: bool = True,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Activations of `layer` (one of `self.layers`), or a dict of several from one forward pass.
+
+        ``dense=False``: crops (N, crop, crop, 3) → the activation as is:
+        (N, h, w, C) for conv/pool layers, (N, F) for fc6/fc7/fc8.
+        ``dense=True``: paper App. B — images of any size, rescaled to each Q
+        in `scales`, the fully-convolutional activation map globally averaged,
+        averaged with the flipped image's, L2-normalised (if `normalize`),
+        averaged over scales and re-normalised → (N, C).
+        """
+        layers = (layer,) if isinstance(layer, str) else tuple(layer)
+        unknown = [name for name in layers if name not in self.layers]
+        if unknown or not layers:
+            raise ValueError(
+                f"unknown layer(s) {unknown or layers} for VGG-{self.model.variant}; valid layers: {self.layers}"
+            )
+        if not dense:
+            result = self._map(self._activation_fn(layers), self._check_images(images, crop=True))
+        else:
+            images = self._check_images(images, crop=False)
+            scales = self._scales(scales)
+            function = self._dense_descriptor_fn(layers, normalize)
+            result = {name: 0.0 for name in layers}
+            for q in scales:
+                for name, value in self._map(function, resize_smaller_side(images, q)).items():
+                    result[name] = result[name] + value / len(scales)
+            if normalize:
+                result = {name: np.asarray(_l2_normalize(value)) for name, value in result.items()}
+        return result[layer] if isinstance(layer, str) else {name: result[name] for name in layers}
+
+
+def _l2_normalize(x: Any) -> Any:
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+def class_names_for(config: ml_collections.ConfigDict) -> list[str] | None:
+    """Names from a converted config's ``class_names`` (possibly None), else from the run's data set."""
+    if "class_names" in config:
+        names = config.class_names
+        return list(names) if names is not None else None
+    try:
+        from vgg_jax.input_pipeline import dataset_metadata
+
+        names = dataset_metadata(config).class_names
+    except Exception as error:  # noqa: BLE001 (names are a nicety: never fail a load over them)
+        logging.warning("no class names for data set %r: %s", config.get("dataset"), error)
+        return None
+    return list(names) if names is not None else None
+
+
+def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtype: Any = jnp.float32) -> Classifier:
+    """A `Classifier` from a run directory: a training workdir or the output of `vgg_jax.convert`.
+
+    `step`: None or 'latest' (newest checkpoint), 'best' (lowest validation
+    top-1 error) or a step number. Inference runs in `dtype` (float32 by
+    default, whatever the run trained in).
+    """
+    params, config, resolved = checkpoints.restore_params(path, step)
+    return Classifier(
+        config, params, step=resolved, class_names=class_names_for(config), batch_size=batch_size, dtype=dtype
+    )
