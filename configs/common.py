@@ -152,6 +152,8 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     config.model.initializer = "glorot"  # no net-A pre-training in a demo
     config.crop_size = 32
     config.scale_min, config.scale_max, config.eval_scale = 32, 40, 36
+    config.random_flip = False  # a mirrored 2, 3 or 7 is not a digit
+    config.eval_every_steps = 110  # every 5 epochs
     config.shuffle_buffer = 2048
     config.global_batch_size = 64
     config.eval_batch_size = 200
