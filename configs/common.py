@@ -46,9 +46,8 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
             width_multiplier=1.0,
             fc_width=4096,
             dropout_rate=0.5,
-            initializer="normal",  # zero-mean normal, std 0.01 [choice]; or 'glorot'
+            initializer="normal",  # zero-mean normal, std 0.01 [choice]; or 'glorot' (or 'he', not the paper's)
             init_std=0.01,
-            he_input_std=64.0,  # only for initializer='he' (not in the paper): conv1_1 sees raw pixels
             lrn_alpha_over_size=False,  # AlexNet's α (True: Caffe's α/n)
         )
     )

@@ -78,7 +78,11 @@ def create_manager(
     return ocp.CheckpointManager(
         epath.Path(directory) / CHECKPOINT_DIR,
         options=options,
-        item_names=("params", "train_state", "meta"),
+        item_handlers={
+            "params": ocp.StandardCheckpointHandler(),
+            "train_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
     )
 
 
@@ -138,7 +142,13 @@ def restore_params(directory: str, step: int | str | None = None) -> tuple[Any, 
     resolved = resolve_step(directory, step)
     manager = create_manager(directory, read_only=True, async_save=False)
     try:
-        restored = manager.restore(resolved, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+        # Restore onto this process's first device whatever topology saved it (e.g. a multi-host run).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = manager.item_metadata(resolved)["params"]
+        target = jax.tree_util.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata
+        )
+        restored = manager.restore(resolved, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     finally:
         manager.close()
     params = jax.tree_util.tree_map(np.asarray, restored["params"])

@@ -30,9 +30,10 @@ def _main(argv: list[str]) -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from vgg_jax import train
+    from vgg_jax import parallel, train
 
     config = _CONFIG.value
+    parallel.initialize(config.get("distributed"))  # before anything touches a JAX backend
     if jax.process_index() == 0:
         logging.info("resolved config:\n%s", config)
         print(config, flush=True)

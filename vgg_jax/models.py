@@ -118,13 +118,13 @@ def local_response_norm(
     return x / jnp.power(k + scale * squared_sum, beta)
 
 
-def _kernel_init(name: str, std: float, gain: float = 1.0) -> Any:
+def _kernel_init(name: str, std: float) -> Any:
     if name == "normal":
         return nn.initializers.normal(stddev=std)
     if name == "glorot":
         return nn.initializers.glorot_uniform()
     if name == "he":  # not in the paper: He et al. (2015), what torchvision's VGG uses
-        return nn.initializers.variance_scaling(2.0 * gain**2, "fan_in", "normal")
+        return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
     raise ValueError(f"unknown initializer {name!r}; expected 'normal' (paper, std 0.01), 'glorot' or 'he'")
 
 
@@ -178,11 +178,9 @@ class VGG(nn.Module):
       dropout_rate: after fc6 and fc7 when training (0.5).
       initializer: 'normal' (zero mean, `init_std`, the paper's random init),
         'glorot' (the paper's alternative to pre-training net A) or 'he'
-        (not in the paper; trains deep nets from scratch fastest). He init
-        assumes unit-variance inputs but the paper feeds raw mean-subtracted
-        pixels, so conv1_1's 'he' init is divided by `he_input_std` (the
-        pixel std on the 0–255 scale) to keep every activation near unit
-        scale. Biases are always zero.
+        (not in the paper; torchvision's choice, which assumes normalised
+        inputs: with raw pixels it needs a small learning rate). Biases are
+        always zero.
       lrn_alpha_over_size: Caffe's LRN convention (α/n) instead of AlexNet's.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
     """
@@ -195,7 +193,6 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     initializer: str = "normal"
     init_std: float = 0.01
-    he_input_std: float = 64.0
     lrn_alpha_over_size: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -258,7 +255,6 @@ class VGG(nn.Module):
             return bool(wanted) and len(captured) == len(wanted)
 
         kernel_init = _kernel_init(self.initializer, self.init_std)
-        first_init = _kernel_init(self.initializer, self.init_std, gain=1.0 / self.he_input_std)
         x = x.astype(self.dtype)
         for block, (kernels, channels) in enumerate(zip(_KERNELS[self.variant], self.conv_widths(), strict=True)):
             for index, size in enumerate(kernels):
@@ -267,7 +263,7 @@ class VGG(nn.Module):
                     channels,
                     (size, size),
                     padding="SAME",
-                    kernel_init=first_init if name == "conv1_1" else kernel_init,
+                    kernel_init=kernel_init,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=name,
@@ -315,7 +311,6 @@ def from_config(config: Any, *, dtype: Any = None) -> VGG:
         dropout_rate=model.get("dropout_rate", 0.5),
         initializer=model.get("initializer", "normal"),
         init_std=model.get("init_std", 0.01),
-        he_input_std=model.get("he_input_std", 64.0),
         lrn_alpha_over_size=model.get("lrn_alpha_over_size", False),
         dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
     )
