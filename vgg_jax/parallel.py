@@ -56,6 +56,20 @@ def initialize(distributed: ml_collections.ConfigDict | None) -> None:
     )
 
 
+def barrier(name: str, timeout_seconds: int = 600) -> None:
+    """Waits until every process gets here, over the coordination service (not a collective).
+
+    XLA:CPU's gloo collectives give up if a peer is more than ~30 s late to its
+    first collective; a slow host (data preparation, compilation) must not
+    break the run, so processes line up here first.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _distributed  # no public barrier on the client exists
+
+    _distributed.global_state.client.wait_at_barrier(f"vgg_jax_{name}", timeout_seconds * 1000)
+
+
 def _already_initialized() -> bool:
     try:
         from jax._src import distributed as _distributed  # no public query exists

@@ -310,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     plateau = optim.PlateauControl(config)
 
     host_state = create_train_state(config, model, tx, plateau)
+    parallel.barrier("setup")
     manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
     replicated = parallel.replicated(mesh)
     latest = manager.latest_step()
