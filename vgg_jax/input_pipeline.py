@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import math
 import os
 import sys
@@ -119,8 +120,11 @@ def get_dataset_builder(config) -> tfds.core.DatasetBuilder:
             f"config.dataset={name!r} has no {' / '.join(missing)} feature (it has {sorted(features.keys())}); "
             "the pipeline needs an image-classification set with 'image' and 'label'."
         )
+    if builder.is_prepared():
+        return builder
     _ensure_prepared(builder, config)
-    return builder
+    # Re-open: a builder made before its data existed does not see the prepared split sizes.
+    return builder if _tfds_is_mocked() else tfds.builder(name, data_dir=data_dir)
 
 
 def _ensure_prepared(builder: tfds.core.DatasetBuilder, config) -> None:
@@ -128,10 +132,19 @@ def _ensure_prepared(builder: tfds.core.DatasetBuilder, config) -> None:
         return
     root = os.fspath(builder.data_dir_root)
     if builder.name in EMBEDDED_DATASETS:
-        logging.info("Preparing the embedded data set %s in %s (offline, seconds).", builder.name, root)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-        )
+        # Several processes on one machine (tests, local multi-host) may start together: one prepares.
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, f".{builder.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                prepared = tfds.builder(builder.name, data_dir=root).is_prepared()
+                if not prepared:
+                    logging.info("Preparing the embedded data set %s in %s (offline, seconds).", builder.name, root)
+                    builder.download_and_prepare(
+                        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+                    )
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
         return
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual_dir = os.path.join(root, "downloads", "manual")
