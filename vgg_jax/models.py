@@ -25,7 +25,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 VARIANTS = ("A", "A-LRN", "B", "C", "D", "E")
 
@@ -42,10 +41,6 @@ _KERNELS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 # Only A-LRN normalises, after conv1_1 (and its ReLU), before pool1.
 _LRN_AFTER = {"A-LRN": "conv1_1"}
-
-# Name of the checkpoint tag placed on each pool output; the train step's
-# rematerialisation policy keeps only these (see train.py, `remat`).
-POOL_CHECKPOINT_NAME = "vgg_pool"
 
 
 def conv_layer_names(variant: str) -> list[str]:
@@ -106,14 +101,10 @@ def local_response_norm(
     ``alpha_over_size=True`` to match weights trained with Caffe.
     """
     half = size // 2
-    squared_sum = jax.lax.reduce_window(
-        jnp.square(x),
-        jnp.array(0, x.dtype),
-        jax.lax.add,
-        window_dimensions=(1,) * (x.ndim - 1) + (size,),
-        window_strides=(1,) * x.ndim,
-        padding=((0, 0),) * (x.ndim - 1) + ((half, size - 1 - half),),
-    )
+    channels = x.shape[-1]
+    padded = jnp.pad(jnp.square(x), [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)])
+    # A sum of `size` shifted slices: plain ops that differentiate (and rematerialise) everywhere.
+    squared_sum = sum(padded[..., offset : offset + channels] for offset in range(size))
     scale = alpha / size if alpha_over_size else alpha
     return x / jnp.power(k + scale * squared_sum, beta)
 
@@ -165,6 +156,42 @@ class FullyConnected(nn.Module):
         return y + bias
 
 
+def _conv_block(
+    module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any
+) -> tuple[jax.Array, list[tuple[str, jax.Array]]]:
+    """One block of Table 1 (convs + ReLUs, LRN in A-LRN, 2×2/2 max-pool) in `module`'s scope.
+
+    A function of the module rather than a submodule, so that the layer names
+    stay `convB_I` (not `block3/conv3_1`) with or without `nn.remat` around it.
+    Returns the pooled output and every named activation of the block, in order.
+    """
+    activations = []
+    for index, size in enumerate(_KERNELS[module.variant][block]):
+        name = f"conv{block + 1}_{index + 1}"
+        x = nn.Conv(
+            channels,
+            (size, size),
+            padding="SAME",
+            kernel_init=kernel_init,
+            dtype=module.dtype,
+            param_dtype=module.param_dtype,
+            name=name,
+        )(x)
+        activations.append((name, x))
+        x = nn.relu(x)
+        activations.append((f"relu{block + 1}_{index + 1}", x))
+        if _LRN_AFTER.get(module.variant) == name:
+            x = local_response_norm(x, alpha_over_size=module.lrn_alpha_over_size)
+            activations.append(("norm1", x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    activations.append((f"pool{block + 1}", x))
+    return x, activations
+
+
+def _pooled_block(module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any) -> jax.Array:
+    return _conv_block(module, x, block, channels, kernel_init)[0]
+
+
 class VGG(nn.Module):
     """VGG configuration `variant` (paper Table 1).
 
@@ -183,6 +210,8 @@ class VGG(nn.Module):
         always zero.
       lrn_alpha_over_size: Caffe's LRN convention (α/n) instead of AlexNet's.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
+      remat: recompute each conv block in the backward pass instead of storing
+        its activations (memory for compute; see bench/RESULTS.md).
     """
 
     variant: str = "D"
@@ -196,6 +225,7 @@ class VGG(nn.Module):
     lrn_alpha_over_size: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     @property
     def fc6_window(self) -> int:
@@ -256,31 +286,17 @@ class VGG(nn.Module):
 
         kernel_init = _kernel_init(self.initializer, self.init_std)
         x = x.astype(self.dtype)
-        for block, (kernels, channels) in enumerate(zip(_KERNELS[self.variant], self.conv_widths(), strict=True)):
-            for index, size in enumerate(kernels):
-                name = f"conv{block + 1}_{index + 1}"
-                x = nn.Conv(
-                    channels,
-                    (size, size),
-                    padding="SAME",
-                    kernel_init=kernel_init,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=name,
-                )(x)
-                if keep(name, x):
-                    return captured
-                x = nn.relu(x)
-                if keep(f"relu{block + 1}_{index + 1}", x):
-                    return captured
-                if _LRN_AFTER.get(self.variant) == name:
-                    x = local_response_norm(x, alpha_over_size=self.lrn_alpha_over_size)
-                    if keep("norm1", x):
+        if self.remat and not wanted:
+            # Keep only each block's input; recompute its convs in the backward pass.
+            pooled = nn.remat(_pooled_block, static_argnums=(2, 3, 4))
+            for block, channels in enumerate(self.conv_widths()):
+                x = pooled(self, x, block, channels, kernel_init)
+        else:
+            for block, channels in enumerate(self.conv_widths()):
+                x, activations = _conv_block(self, x, block, channels, kernel_init)
+                for name, value in activations:
+                    if keep(name, value):
                         return captured
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            x = checkpoint_name(x, POOL_CHECKPOINT_NAME)
-            if keep(f"pool{block + 1}", x):
-                return captured
 
         head = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init)
         x = FullyConnected(self.fc_width, self.fc6_window, name="fc6", **head)(x, dense)
@@ -313,6 +329,7 @@ def from_config(config: Any, *, dtype: Any = None) -> VGG:
         init_std=model.get("init_std", 0.01),
         lrn_alpha_over_size=model.get("lrn_alpha_over_size", False),
         dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
+        remat=bool(config.get("remat", False)),
     )
 
 

@@ -70,12 +70,6 @@ def make_train_step(
     def forward(params: Any, images: jax.Array, dropout_key: jax.Array) -> jax.Array:
         return model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
 
-    if config.get("remat", False):
-        # Keep only the pooled block outputs; recompute the convs inside each block.
-        forward = jax.checkpoint(
-            forward, policy=jax.checkpoint_policies.save_only_these_names(models.POOL_CHECKPOINT_NAME)
-        )
-
     def train_step(
         state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array
     ) -> tuple[TrainState, dict[str, jax.Array]]:
