@@ -454,5 +454,7 @@ def test_demo_net_well_below_chance(demo_workdir, tmp_path):
     written = _check_report(report, out, ["dense", "multicrop", "both"], 1)
     for row in written["rows"]:
         assert row["scales"] == [36] and row["num_examples"] == 360
-        assert row["top1_error"] < 0.4, row  # chance: 0.9
-        assert row["top5_error"] < 0.1, row  # chance: 0.5
+        # chance: 0.9 / 0.5. Test-time flips and the single dense cell at Q=36 cost the digits accuracy
+        # (bench/RESULTS.md, "Demo"): dense ~15 %, multi-crop ~6 %.
+        assert row["top1_error"] < 0.25, row
+        assert row["top5_error"] < 0.05, row

@@ -146,31 +146,33 @@ def test_dense_multi_scale_on_any_size(classifier, run_dir):
 
 def test_features_shapes(classifier):
     images = _images(2, 32)
-    widths = classifier.model.conv_widths()  # demo E: 1/8 of the paper's widths
+    widths = classifier.model.conv_widths()  # the demo's narrow E
+    fc = classifier.model.fc_width
     expected = {
         "conv1_1": (2, 32, 32, widths[0]),
         "relu2_2": (2, 16, 16, widths[1]),
         "pool3": (2, 4, 4, widths[2]),
         "conv4_4": (2, 4, 4, widths[3]),
         "pool5": (2, 1, 1, widths[4]),
-        "fc6": (2, 128),
-        "fc7": (2, 128),
+        "fc6": (2, fc),
+        "fc7": (2, fc),
         "fc8": (2, 10),
     }
     features = classifier.features(images, layer=list(expected))  # one forward pass for all
     assert {name: value.shape for name, value in features.items()} == expected
-    np.testing.assert_allclose(features["fc8"], classifier.logits(images), rtol=1e-5, atol=1e-6)
+    # Same weights, different batch shapes: oneDNN's blocking may reorder float sums (≈1e-5).
+    np.testing.assert_allclose(features["fc8"], classifier.logits(images), rtol=1e-4, atol=1e-4)
     assert (features["fc7"] >= 0).all() and (features["conv1_1"] < 0).any()  # fc7 after ReLU, conv before
-    np.testing.assert_allclose(classifier.features(images, layer="fc7"), features["fc7"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(classifier.features(images, layer="fc7"), features["fc7"], rtol=1e-4, atol=1e-4)
     dense = classifier.features(images, layer=["pool4", "fc7"], dense=True, scales=(32, 40))
-    assert dense["pool4"].shape == (2, widths[3]) and dense["fc7"].shape == (2, 128)
+    assert dense["pool4"].shape == (2, widths[3]) and dense["fc7"].shape == (2, fc)
 
 
 def test_app_b_descriptor_is_unit_norm_and_flip_invariant(classifier, run_dir):
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (3, 40, 52, 3), dtype=np.uint8)
     descriptor = classifier.features(images, layer="fc7", dense=True, scales=(32, 40))
-    assert descriptor.shape == (3, 128)
+    assert descriptor.shape == (3, classifier.model.fc_width)
     np.testing.assert_allclose(np.linalg.norm(descriptor, axis=-1), 1.0, rtol=1e-5)
     # Flip invariance: exact up to float order where no resize happens (Q = 40 = the smaller side) …
     native = classifier.features(images, dense=True, scales=40)
