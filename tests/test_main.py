@@ -61,3 +61,35 @@ def test_cli_unwritable_workdir_is_named(tmp_path):
     result = run_main(*TINY, f"--workdir={blocker}/run")
     assert result.returncode != 0
     assert "workdir" in result.stderr and str(blocker) in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
+    import signal
+    import time
+
+    from vgg_jax import checkpoints
+
+    args = [sys.executable, "-m", "vgg_jax.main", *TINY, "--config.num_train_steps=100000", f"--workdir={tmp_path}"]
+    args = [a for a in args if not a.startswith("--config.num_train_steps=2")]
+    log = tmp_path.parent / f"{tmp_path.name}.log"
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=stream, stderr=stream)
+        try:
+            deadline = time.time() + 300
+            while "step 3/" not in log.read_text():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "SIGTERM received" in text and "stopped early: saved step" in text
+    saved = checkpoints.resolve_step(str(tmp_path))
+    assert saved >= 3
+    resumed = run_main(*TINY, "--config.num_train_steps=" + str(saved + 1), f"--workdir={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path} at step {saved}" in resumed.stderr
+    assert checkpoints.resolve_step(str(tmp_path)) == saved + 1
