@@ -118,8 +118,14 @@ def steps_with_meta(directory: str) -> dict[int, dict[str, Any]]:
 def resolve_step(directory: str, step: int | str | None = None) -> int:
     """None/'latest' → the newest step; 'best' → the lowest validation top-1 error; or an int."""
     manager = create_manager(directory, read_only=True, async_save=False)
+    try:
+        return _resolve_step(manager, directory, step)
+    finally:
+        manager.close()
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | str | None) -> int:
     steps = sorted(manager.all_steps())
-    manager.close()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(str(directory), CHECKPOINT_DIR)}")
     if step is None or step == "latest":
@@ -139,9 +145,9 @@ def resolve_step(directory: str, step: int | str | None = None) -> int:
 def restore_params(directory: str, step: int | str | None = None) -> tuple[Any, ml_collections.ConfigDict, int]:
     """(params as NumPy arrays, the run's config, the step restored) — for warm start and inference."""
     config = load_config(directory)
-    resolved = resolve_step(directory, step)
     manager = create_manager(directory, read_only=True, async_save=False)
     try:
+        resolved = _resolve_step(manager, directory, step)
         # Restore onto this process's first device whatever topology saved it (e.g. a multi-host run).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         metadata = manager.item_metadata(resolved)["params"]

@@ -793,9 +793,6 @@ def _main(argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
     values = flags.FLAGS
     overrides = {}
     if values.data_dir:
@@ -826,10 +823,6 @@ def _main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     from absl import app, flags
-
-    from vgg_jax import cpu_defaults
-
-    cpu_defaults.apply()
 
     flags.DEFINE_multi_string("checkpoint", [], "Run directory (config.json + checkpoints/); repeat to fuse nets.")
     flags.DEFINE_enum("method", "dense", list(METHODS), "dense, multicrop, both (dense + multi-crop) or center_crop.")

@@ -237,7 +237,7 @@ def _local_batch(global_batch: int, process_count: int, field: str) -> int:
     return global_batch // process_count
 
 
-def _check_train_config(config) -> None:
+def check_train_config(config) -> None:
     smin, smax, crop = int(config.scale_min), int(config.scale_max), int(config.crop_size)
     if smin > smax:
         raise ValueError(f"config.scale_min={smin} > config.scale_max={smax}: S is drawn from [scale_min, scale_max]")
@@ -250,7 +250,7 @@ def _check_train_config(config) -> None:
     _resize_method(config)
 
 
-def _check_eval_scale(config, scale: int) -> None:
+def check_eval_scale(config, scale: int) -> None:
     if int(config.crop_size) > scale:
         raise ValueError(
             f"config.crop_size={config.crop_size} is larger than the test scale Q={scale} (config.eval_scale): "
@@ -593,7 +593,7 @@ class _Iterator:
 def _train_dataset(
     config, *, start_step: int, process_index: int, process_count: int, with_details: bool = False
 ) -> tuple[tf.data.Dataset, _CorruptRecords]:
-    _check_train_config(config)
+    check_train_config(config)
     local = _local_batch(int(config.global_batch_size), process_count, "global_batch_size")
     builder = get_dataset_builder(config)
     _check_split(builder, config.train_split, "train_split")
@@ -726,7 +726,7 @@ def create_eval_iterator(
     'label': int32, 'mask': bool}; padding examples (zeros, label 0) have mask False.
     """
     q = int(scale if scale is not None else config.eval_scale)
-    _check_eval_scale(config, q)
+    check_eval_scale(config, q)
     records, corrupt, sizes, count = _eval_setup(config, split, process_index, process_count)
     local = _local_batch(int(config.eval_batch_size), count, "eval_batch_size")
     batches = max(1, math.ceil(max(sizes) / local))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
-# TensorFlow (tf.data) must never take an accelerator from JAX, and is noisy.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (tf.data) is noisy
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vgg_jax import cpu_defaults  # noqa: E402
+# Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py); input_pipeline hides GPUs from TF.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/d.py:scale=384.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs (resumes if present).")
@@ -27,9 +26,7 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
-    import tensorflow as tf
 
-    tf.config.set_visible_devices([], "GPU")
     from vgg_jax import parallel, train
 
     config = _CONFIG.value
@@ -46,7 +43,6 @@ def _main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cpu_defaults.apply()
     app.run(_main)
 
 

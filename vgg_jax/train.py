@@ -54,10 +54,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k highest scores (ties broken by `lax.top_k`)."""
-    k = min(k, logits.shape[-1])
-    _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+    """1.0 where the label is within the top k, with `evaluate.topk_errors`' pessimistic tie rule.
+
+    Fewer than k *other* classes may score >= the true class; a non-finite row is wrong. The
+    periodic validation and `python -m vgg_jax.evaluate` therefore count the same examples.
+    """
+    logits = logits.astype(jnp.float32)
+    true_scores = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    others_at_least = jnp.sum(logits >= true_scores, axis=-1) - 1
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    return ((others_at_least < k) & finite).astype(jnp.float32)
 
 
 def make_train_step(
@@ -129,16 +135,10 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ValueError(f"config.model.variant={config.model.variant!r}; expected one of {models.VARIANTS}")
     if config.crop_size % 32:
         raise ValueError(f"config.crop_size={config.crop_size} must be a multiple of 32 (five 2x2 pools)")
-    if config.scale_min > config.scale_max:
-        raise ValueError(f"config.scale_min={config.scale_min} > config.scale_max={config.scale_max}")
-    if config.scale_min < config.crop_size:
-        raise ValueError(f"config.scale_min={config.scale_min} is smaller than config.crop_size={config.crop_size}")
-    if config.eval_scale < config.crop_size:
-        raise ValueError(f"config.eval_scale={config.eval_scale} is smaller than config.crop_size={config.crop_size}")
+    input_pipeline.check_train_config(config)  # S range, crop inside S, corrupt-record mode
+    input_pipeline.check_eval_scale(config, config.eval_scale)
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; expected 'float32' or 'bfloat16'")
-    if config.lr_schedule not in ("plateau", "step"):
-        raise ValueError(f"config.lr_schedule={config.lr_schedule!r}; expected 'plateau' or 'step'")
     if config.eval_method not in ("center_crop", "dense"):
         raise ValueError(f"config.eval_method={config.eval_method!r}; expected 'center_crop' or 'dense'")
     if jax.process_index() == 0:
@@ -167,9 +167,8 @@ def create_train_state(
 ) -> TrainState:
     """Seeded random init (paper §3.1: N(0, 0.01²) or Glorot, zero biases) on the host."""
     size = config.crop_size
-    variables = jax.jit(model.init, backend="cpu")(
-        jax.random.key(config.seed), jnp.zeros((1, size, size, 3), jnp.float32)
-    )
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, size, size, 3), jnp.float32))
     params = jax.tree_util.tree_map(np.asarray, variables["params"])
     return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params), plateau=plateau.init())
 
@@ -361,11 +360,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_iter: Iterator[dict[str, np.ndarray]] = input_pipeline.create_train_iterator(config, start_step=start_step)
     progress = _Progress(total_steps, config.global_batch_size, last_step=start_step)
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # step metrics not yet checked on the host
-    last_checked_finite = start_step
 
     def check_finite(step: int) -> list[tuple[int, dict[str, float]]]:
         """Fetches pending metrics; raises before anything non-finite can be saved."""
-        nonlocal pending, last_checked_finite
+        nonlocal pending
         fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
         pending = []
         for s, m in fetched:
@@ -375,7 +373,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"checkpoint (step {manager.latest_step()}) in {workdir} is untouched — lower config.learning_rate "
                     "or check the data."
                 )
-        last_checked_finite = step
         return fetched
 
     def save(step: int, metrics: dict[str, float] | None = None, force: bool = False) -> None:
