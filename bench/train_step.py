@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace):
-    from configs import common as configs_common
+    from vgg_jax.configs import common as configs_common
 
     config = configs_common.get_config(args.variant)
     config.crop_size = args.image_size

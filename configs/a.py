@@ -1,14 +1,5 @@
-"""VGG configuration A (paper Table 1) with the paper's recipe; see common.py for `arg`."""
+"""VGG configuration A: the packaged `vgg_jax/configs/a.py` (the paper's recipe; arguments in common.py)."""
 
-import pathlib
-import sys
+from vgg_jax.configs.a import get_config
 
-import ml_collections
-
-# Config files are loaded by path (--config=configs/a.py): make `configs` importable from anywhere.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return common.get_config("A", arg)
+__all__ = ["get_config"]

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def demo_config():
     """The README's demo (configs/e.py:demo), exactly as users run it."""
-    from configs import e
+    from vgg_jax.configs import e
 
     return e.get_config("demo")
 

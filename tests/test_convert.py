@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import vgg_jax  # noqa: E402
-from vgg_jax import convert, models  # noqa: E402
+from vgg_jax import convert, models, preprocess  # noqa: E402
 from vgg_jax.convert import ConversionError  # noqa: E402
 
 KERAS_SIZE = 64  # full widths, small images: a 2×2×512 map before fc1 still checks the flatten order
@@ -78,7 +78,7 @@ def test_keras_parity(keras_files, tmp_path, name, variant, layout):
     config = convert.convert("keras", keras_files["files"][name, layout], variant, out)
     assert config.model.variant == variant and config.model.num_classes == 10
     assert config.crop_size == KERAS_SIZE and config.model.width_multiplier == 1.0 and config.model.fc_width == 4096
-    assert tuple(config.mean_rgb) == convert.CAFFE_MEAN_RGB
+    assert tuple(config.mean_rgb) == preprocess.CAFFE_MEAN_RGB
     assert config.preprocessing.source == "keras" and "BGR" in config.preprocessing.original
     classifier = vgg_jax.load(str(out))
     assert classifier.step == 0 and classifier.class_names is None

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from vgg_jax import checkpoints, evaluate, models
+from vgg_jax.configs import common
 from vgg_jax.evaluate import multicrop_offsets, multicrop_views, topk_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import vgg_jax
-from configs import common
 from vgg_jax import checkpoints, inference, models
+from vgg_jax.configs import common
 
 
 def _random_params(config, seed):

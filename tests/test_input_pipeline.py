@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from vgg_jax import input_pipeline as ip
+from vgg_jax import preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ def make_config(data_dir="", **overrides):
             eval_scale=18,
             random_flip=True,
             color_shift_std=0.1,
-            mean_rgb=ip.CAFFE_MEAN_RGB,
+            mean_rgb=preprocess.CAFFE_MEAN_RGB,
             shuffle_buffer=512,
             corrupt_images="skip",
             global_batch_size=256,
@@ -192,11 +193,11 @@ def test_augmentation_statistics():
 def test_color_shift_covariance():
     n, std = 40_000, 0.1
     images = jnp.zeros((n, 2, 2, 3), jnp.float32)
-    shifted = np.asarray(ip.color_shift(images, jax.random.key(0), std=std), np.float64)
+    shifted = np.asarray(preprocess.color_shift(images, jax.random.key(0), std=std), np.float64)
     assert (shifted == shifted[:, :1, :1, :]).all()  # one shift per image, the same on every pixel
     shifts = shifted[:, 0, 0, :]
-    eigval = np.asarray(ip.PCA_EIGVAL) * 255.0
-    eigvec = np.asarray(ip.PCA_EIGVEC)  # columns are eigenvectors
+    eigval = np.asarray(preprocess.PCA_EIGVAL) * 255.0
+    eigvec = np.asarray(preprocess.PCA_EIGVEC)  # columns are eigenvectors
     # shift = Σ_i α_i λ_i v_i with α_i ~ N(0, std²)  ⇒  Cov = std² Σ_i λ_i² v_i v_iᵀ
     expected = std**2 * (eigvec * eigval**2) @ eigvec.T
     covariance = np.cov(shifts, rowvar=False)
@@ -209,18 +210,18 @@ def test_color_shift_covariance():
 def test_preprocess_for_model():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 3, 3, 3)), jnp.uint8)
     mean = (10.0, 20.0, 30.0)
-    plain = ip.preprocess_for_model(images, mean_rgb=mean)
+    plain = preprocess.preprocess_for_model(images, mean_rgb=mean)
     np.testing.assert_allclose(plain, np.asarray(images, np.float32) - np.asarray(mean, np.float32))
     assert plain.dtype == jnp.float32
-    np.testing.assert_allclose(ip.subtract_mean(images.astype(jnp.float32), mean), plain)
+    np.testing.assert_allclose(preprocess.subtract_mean(images.astype(jnp.float32), mean), plain)
     key = jax.random.key(1)
-    same = ip.preprocess_for_model(images, mean_rgb=mean, key=key, color_shift_std=0.0)
+    same = preprocess.preprocess_for_model(images, mean_rgb=mean, key=key, color_shift_std=0.0)
     np.testing.assert_array_equal(same, plain)
-    jitted = jax.jit(lambda x, k: ip.preprocess_for_model(x, mean_rgb=mean, key=k, color_shift_std=0.1))
+    jitted = jax.jit(lambda x, k: preprocess.preprocess_for_model(x, mean_rgb=mean, key=k, color_shift_std=0.1))
     shifted = jitted(images, key)
     delta = np.asarray(shifted - plain)
     assert np.abs(delta).max() > 0.5 and np.allclose(delta, delta[:, :1, :1, :], atol=1e-4)
-    half = ip.preprocess_for_model(images, mean_rgb=mean, key=key, color_shift_std=0.1, dtype=jnp.bfloat16)
+    half = preprocess.preprocess_for_model(images, mean_rgb=mean, key=key, color_shift_std=0.1, dtype=jnp.bfloat16)
     assert half.dtype == jnp.bfloat16
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import common
 from vgg_jax import checkpoints, models, optim, train
+from vgg_jax.configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

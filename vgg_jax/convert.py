@@ -42,7 +42,6 @@ Usage::
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import pathlib
@@ -56,11 +55,12 @@ import ml_collections
 import numpy as np
 
 from vgg_jax import checkpoints, models
+from vgg_jax.configs import common as configs_common
+from vgg_jax.preprocess import CAFFE_MEAN_RGB
 
 SOURCES = ("keras", "torchvision")
 KERAS_VARIANTS = {"D": "VGG16", "E": "VGG19"}
 TORCHVISION_VARIANTS = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
-CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
 
@@ -373,19 +373,6 @@ def _check_structure(params: Params, variant: str, origin: str, *, source: str, 
                 )
 
 
-def _load_common_configs() -> Any:
-    try:
-        from configs import common
-
-        return common
-    except ImportError:  # not run from the repository root: load configs/common.py beside the package
-        path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "common.py"
-        spec = importlib.util.spec_from_file_location("vgg_jax_configs_common", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
 def preprocessing_record(source: str, weights: str) -> dict[str, str]:
     """What the original network expected and how it was absorbed (for config and meta)."""
     if source == "keras":
@@ -407,7 +394,7 @@ def make_config(
 ) -> ml_collections.ConfigDict:
     """A full run config (the paper's recipe for `variant`) describing converted `params`."""
     hyper = infer_hyperparameters(params, variant)
-    config = _load_common_configs().get_config(variant)
+    config = configs_common.get_config(variant)
     config.model.width_multiplier = hyper["width_multiplier"]
     config.model.fc_width = hyper["fc_width"]
     config.model.num_classes = hyper["num_classes"]

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax import checkpoints, models
+from vgg_jax import checkpoints, models, preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,19 +59,6 @@ class Prediction:
             labels = self.names[i] if self.names is not None else [str(c) for c in ids]
             lines.append(f"{i}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(labels, probs, strict=True)))
         return "\n".join(lines)
-
-
-def _simple_preprocess(images: jax.Array, *, mean_rgb: Any, dtype: Any = jnp.float32) -> jax.Array:
-    return images.astype(dtype) - jnp.asarray(mean_rgb, dtype)
-
-
-def _preprocessor() -> Any:
-    """The input pipeline's `preprocess_for_model` where it exists, else the same cast-and-subtract here."""
-    try:
-        from vgg_jax.input_pipeline import preprocess_for_model
-    except ImportError:
-        return _simple_preprocess
-    return lambda images, *, mean_rgb: preprocess_for_model(images, mean_rgb=mean_rgb)
 
 
 def _flip(images: jax.Array) -> jax.Array:
@@ -134,7 +121,7 @@ class Classifier:
         self.class_names = list(class_names) if class_names is not None else None
         self.mean_rgb = tuple(float(m) for m in config.mean_rgb)
         self._variables = {"params": jax.device_put(params)}
-        self._preprocess = _preprocessor()
+        self._preprocess = preprocess.preprocess_for_model
         self._functions: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ properties

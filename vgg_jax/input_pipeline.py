@@ -55,7 +55,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -66,14 +65,6 @@ try:  # The input pipeline runs on the host CPU: TensorFlow must not grab an acc
 except (RuntimeError, ValueError):  # Already initialised by someone else.
     pass
 
-CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
-# Standard ImageNet PCA of RGB pixels on the 0–1 scale (PAPER.md §2); columns are eigenvectors.
-PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
 DEMO_HINT = "--config=configs/e.py:demo"
 EMBEDDED_DATASETS = ("sklearn_digits",)
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -747,40 +738,6 @@ def create_eval_iterator(
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
     ds = ds.batch(local, drop_remainder=True).take(batches).prefetch(_AUTOTUNE)
     return _Iterator(ds.with_options(_options(config)), corrupt, ("image", "label", "mask"))
-
-
-# --------------------------------------------------------------------------- on device (jnp)
-
-
-def color_shift(images: jax.Array, key: jax.Array, std: float = 0.1) -> jax.Array:
-    """PCA colour shift (paper §3.1): adds Σ_i α_i λ_i v_i, α_i ~ N(0, std²), to every pixel of each image.
-
-    `images`: float (N, H, W, 3) on the 0–255 scale; λ are PAPER.md's eigenvalues × 255.
-    """
-    eigval = jnp.asarray(PCA_EIGVAL, jnp.float32) * 255.0
-    eigvec = jnp.asarray(PCA_EIGVEC, jnp.float32)
-    alpha = jax.random.normal(key, (images.shape[0], 3), jnp.float32) * std
-    shift = (alpha * eigval) @ eigvec.T  # (N, 3): row n is Σ_i α_ni λ_i v_i
-    return images + shift[:, None, None, :].astype(images.dtype)
-
-
-def subtract_mean(images: jax.Array, mean_rgb) -> jax.Array:
-    return images - jnp.asarray(mean_rgb, images.dtype)
-
-
-def preprocess_for_model(
-    images: jax.Array,
-    *,
-    mean_rgb,
-    key: jax.Array | None = None,
-    color_shift_std: float = 0.0,
-    dtype=jnp.float32,
-) -> jax.Array:
-    """uint8 NHWC → float: colour shift (when `key` is given and std > 0), minus the mean RGB, cast to `dtype`."""
-    x = images.astype(jnp.float32)
-    if key is not None and color_shift_std > 0:
-        x = color_shift(x, key, color_shift_std)
-    return subtract_mean(x, mean_rgb).astype(dtype)
 
 
 # --------------------------------------------------------------------------- mean RGB

@@ -29,7 +29,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, input_pipeline, models, optim, parallel
+from vgg_jax import checkpoints, input_pipeline, models, optim, parallel, preprocess
 
 
 @flax.struct.dataclass
@@ -80,7 +80,7 @@ def make_train_step(
         state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         color_key, dropout_key = jax.random.split(jax.random.fold_in(root_key, state.step))
-        images = input_pipeline.preprocess_for_model(
+        images = preprocess.preprocess_for_model(
             batch["image"], mean_rgb=mean_rgb, key=color_key, color_shift_std=color_shift_std, dtype=model.dtype
         )
         labels = batch["label"]
@@ -112,7 +112,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model: models.VGG) -> Call
     mean_rgb = tuple(config.mean_rgb)
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        images = input_pipeline.preprocess_for_model(batch["image"], mean_rgb=mean_rgb, dtype=model.dtype)
+        images = preprocess.preprocess_for_model(batch["image"], mean_rgb=mean_rgb, dtype=model.dtype)
         logits = model.apply({"params": params}, images)
         mask = batch["mask"].astype(jnp.float32)
         return {

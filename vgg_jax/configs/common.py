@@ -1,6 +1,7 @@
 """The paper's training recipe (§3.1) as one config; the per-net files pick a variant.
 
-Every `configs/<net>.py` exposes `get_config(arg)` (big_vision's `file.py:arg`
+Every `vgg_jax/configs/<net>.py` (and its thin twin `configs/<net>.py` in a
+source checkout) exposes `get_config(arg)` (big_vision's `file.py:arg`
 convention). `arg` is a comma-separated list of:
 
 - ``scale=256`` (default), ``scale=384`` or ``scale=256-512``: the training
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from vgg_jax.preprocess import CAFFE_MEAN_RGB
+
 # Layers that have the same shape in every configuration (paper §3.1): a
 # trained net A initialises these in the deeper nets.
 NET_A_SHARED_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
-CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
