@@ -37,7 +37,8 @@ def test_cli_trains_prints_config_and_progress(tmp_path):
     log = result.stderr
     assert "step 2/2" in log and "img/s" in log and "ETA" in log and "loss" in log
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2]
+    assert [r["step"] for r in records if r["split"] == "test"] == [2]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]  # log_every_steps=1
     assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 2
 
 

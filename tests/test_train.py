@@ -42,8 +42,10 @@ def tiny_config(**overrides):
     return config
 
 
-def read_metrics(workdir):
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(workdir, split="eval"):
+    """metrics.jsonl rows: the evaluation rows (split != 'train') by default, or the training rows."""
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if (r["split"] == "train") == (split == "train")]
 
 
 def test_few_steps_on_the_embedded_set(tmp_path):
@@ -58,6 +60,11 @@ def test_few_steps_on_the_embedded_set(tmp_path):
         assert 0.0 <= record["top5_error"] <= record["top1_error"] <= 1.0
         assert np.isfinite(record["loss"]) and record["loss"] > 0
     assert checkpoints.load_config(tmp_path).model.variant == "A"
+    train_rows = read_metrics(tmp_path, split="train")
+    assert [r["step"] for r in train_rows] == [2, 4, 6]  # log_every_steps=2
+    for record in train_rows:
+        assert set(record) >= {"step", "epoch", "loss", "top1_error", "top5_error", "lr", "images_per_second"}
+        assert np.isfinite(record["loss"]) and record["loss"] > 0 and record["images_per_second"] > 0
     params, _, step = checkpoints.restore_params(str(tmp_path))
     assert step == 6
     np.testing.assert_array_equal(params["conv1_1"]["kernel"], np.asarray(state.params["conv1_1"]["kernel"]))

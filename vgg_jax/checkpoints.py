@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -101,6 +102,52 @@ def save(
     if train_state is not None:
         items["train_state"] = ocp.args.StandardSave(train_state)
     return manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None, force=force)
+
+
+# The parts of the train state besides the parameters, saved together as the 'train_state' item.
+TRAIN_STATE_FIELDS = ("step", "opt_state", "plateau")
+
+
+def save_train_state(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    *,
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+    force: bool = False,
+) -> bool:
+    """Saves a train state (params + `TRAIN_STATE_FIELDS`) at `meta['step']`; logs step, path and seconds."""
+    step = int(meta["step"])
+    start = time.perf_counter()
+    extra = {name: getattr(state, name) for name in TRAIN_STATE_FIELDS}
+    saved = save(manager, step, params=state.params, train_state=extra, meta=meta, metrics=metrics, force=force)
+    if saved and jax.process_index() == 0:
+        logging.info(
+            "checkpoint: step %d saved to %s (%.1f s)", step, manager.directory / str(step), time.perf_counter() - start
+        )
+    return saved
+
+
+def restore_train_state(manager: ocp.CheckpointManager, like: Any, sharding: Any) -> Any | None:
+    """The latest saved train state, shaped like `like` and placed with `sharding`; None when nothing is saved.
+
+    `like` is a host train state (a flax dataclass with params and `TRAIN_STATE_FIELDS`); the result is
+    `like.replace(...)` with the restored values, so resuming needs no knowledge of the state's class here.
+    """
+    latest = manager.latest_step()
+    if latest is None:
+        return None
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), like
+    )
+    restored = manager.restore(
+        latest,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target.params),
+            train_state=ocp.args.StandardRestore({name: getattr(target, name) for name in TRAIN_STATE_FIELDS}),
+        ),
+    )
+    return like.replace(params=restored["params"], **restored["train_state"])
 
 
 def steps_with_meta(directory: str) -> dict[int, dict[str, Any]]:

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax import checkpoints, models
+from vgg_jax import checkpoints, models, paths
 from vgg_jax.configs import common as configs_common
 from vgg_jax.preprocess import CAFFE_MEAN_RGB
 
@@ -428,9 +428,9 @@ def convert(
     """Converts `weights` and writes a run directory at `out` that `vgg_jax.load` reads; returns its config."""
     if source not in SOURCES:
         raise ConversionError(f"unknown source {source!r}; expected one of {SOURCES}")
+    weights, out = paths.resolve(weights), paths.resolve(out)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"weight file {weights} not found")
-    out = str(out)
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"output directory {out} exists and is not empty; choose a new --out")
     if source == "keras":
@@ -466,8 +466,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="run directory to create")
     parser.add_argument("--class_names", default=None, help="optional text file, one class name per line")
     args = parser.parse_args(argv)
-    names = read_class_names(args.class_names) if args.class_names else None
     try:
+        names = read_class_names(paths.resolve(args.class_names)) if args.class_names else None
         config = convert(args.source, args.weights, args.variant, args.out, class_names=names)
     except (ConversionError, FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")

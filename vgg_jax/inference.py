@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax import checkpoints, models, preprocess
+from vgg_jax import checkpoints, models, paths, preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,11 +356,11 @@ def class_names_for(config: ml_collections.ConfigDict) -> list[str] | None:
 def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtype: Any = jnp.float32) -> Classifier:
     """A `Classifier` from a run directory: a training workdir or the output of `vgg_jax.convert`.
 
-    `step`: None or 'latest' (newest checkpoint), 'best' (lowest validation
+    `path` may be relative or start with `~`. `step`: None or 'latest' (newest checkpoint), 'best' (lowest validation
     top-1 error) or a step number. Inference runs in `dtype` (float32 by
     default, whatever the run trained in).
     """
-    params, config, resolved = checkpoints.restore_params(path, step)
+    params, config, resolved = checkpoints.restore_params(paths.resolve(path), step)
     return Classifier(
         config, params, step=resolved, class_names=class_names_for(config), batch_size=batch_size, dtype=dtype
     )

@@ -9,12 +9,10 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,7 +27,8 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, input_pipeline, models, optim, parallel, preprocess
+from vgg_jax import checkpoints, input_pipeline, models, optim, parallel, paths, preprocess, progress
+from vgg_jax import evaluate as evaluation
 
 
 @flax.struct.dataclass
@@ -152,6 +151,19 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             raise PermissionError(f"workdir {workdir!r} is not writable: {error}") from error
 
 
+def _adopt_dataset_classes(config: ml_collections.ConfigDict) -> None:
+    """The head's width follows the data set (raises early when the data set is missing)."""
+    metadata = input_pipeline.dataset_metadata(config)
+    if metadata.num_classes != config.model.num_classes:
+        logging.info(
+            "config.model.num_classes=%d → %d (from data set %s)",
+            config.model.num_classes,
+            metadata.num_classes,
+            config.dataset,
+        )
+        config.model.num_classes = metadata.num_classes
+
+
 def _num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
@@ -174,6 +186,7 @@ def create_train_state(
 
 
 def _apply_warm_start(config: ml_collections.ConfigDict, state: TrainState, tx: Any) -> TrainState:
+    """Paper §3.1: deeper nets (and finer scales) start from named layers of an earlier run."""
     source = config.warm_start.checkpoint
     layers = config.warm_start.layers
     if isinstance(layers, str) and layers != "all":
@@ -194,7 +207,7 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: TrainState, tx: 
 
 
 # ---------------------------------------------------------------------------
-# The loop.
+# Pieces of the loop.
 
 
 class _Preemption:
@@ -220,31 +233,96 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-@dataclasses.dataclass
-class _Progress:
-    total_steps: int
-    global_batch_size: int
-    start_time: float = dataclasses.field(default_factory=time.perf_counter)
-    last_time: float = dataclasses.field(default_factory=time.perf_counter)
-    last_step: int = 0
+class _FiniteGuard:
+    """Step metrics stay on device until needed; fetching them raises before anything non-finite is saved."""
 
-    def rates(self, step: int) -> tuple[float, float]:
-        now = time.perf_counter()
-        images_per_second = (step - self.last_step) * self.global_batch_size / max(now - self.last_time, 1e-9)
-        steps_per_second = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
-        self.last_time, self.last_step = now, step
-        return images_per_second, eta
+    def __init__(self, manager: ocp.CheckpointManager, workdir: str) -> None:
+        self.manager, self.workdir = manager, workdir
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append((step, metrics))
+
+    def fetch(self) -> list[dict[str, float]]:
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in self.pending]
+        self.pending = []
+        for step, metrics in fetched:
+            # An overflow can leave the loss finite one step before it isn't: the parameters are checked too.
+            if not math.isfinite(metrics["loss"]) or metrics.pop("params_finite") != 1.0:
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({metrics['loss']}) or parameters at step {step}; stopping. The last "
+                    f"good checkpoint (step {self.manager.latest_step()}) in {self.workdir} is untouched — lower "
+                    "config.learning_rate or check the data."
+                )
+        return [metrics for _, metrics in fetched]
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+class _Reporter:
+    """One log line per log step and per evaluation; TensorBoard and metrics.jsonl written by process 0 only.
+
+    metrics.jsonl holds one JSON object per line: `split: "train"` rows (means over the log interval) and
+    evaluation rows (`split`: the eval split), so a notebook plots both curves from one file.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int) -> None:
+        self.config, self.workdir, self.total_steps = config, workdir, total_steps
+        self.steps_per_epoch = input_pipeline.steps_per_epoch(config)
+        self.is_chief = jax.process_index() == 0
+        # TensorBoard only: clu's default writer also logs every scalar, a second line per step.
+        self.writer = metric_writers.SummaryWriter(workdir) if self.is_chief else metric_writers.MultiWriter([])
+        if start_step == 0 and self.is_chief:
+            self.writer.write_hparams(_flatten(config.to_dict()))
+        self.progress = progress.Progress(total_steps, done=start_step)
+
+    def train(self, step: int, interval: list[dict[str, float]]) -> None:
+        means = {name: float(np.mean([m[name] for m in interval])) for name in interval[-1]}
+        steps_per_second, eta = self.progress.measure(step)
+        images_per_second = steps_per_second * self.config.global_batch_size
+        logging.info(
+            "step %d/%d  epoch %.2f  loss %.4f  top-1 err %.3f  top-5 err %.3f  lr %.2g  %.1f img/s  ETA %s",
+            step,
+            self.total_steps,
+            step / self.steps_per_epoch,
+            means["loss"],
+            means["top1_error"],
+            means["top5_error"],
+            means["learning_rate"],
+            images_per_second,
+            progress.format_eta(eta),
+        )
+        self.writer.write_scalars(
+            step, {f"train/{k}": v for k, v in means.items()} | {"images_per_second": images_per_second}
+        )
+        row = {k: means[k] for k in ("loss", "top1_error", "top5_error")}
+        self._append(step, "train", row | {"lr": means["learning_rate"], "images_per_second": images_per_second})
+
+    def eval(self, step: int, metrics: dict[str, float], learning_rate: float) -> None:
+        split = self.config.eval_split
+        logging.info(
+            "eval %s at step %d: loss %.4f  top-1 err %.4f  top-5 err %.4f",
+            split,
+            step,
+            metrics["loss"],
+            metrics["top1_error"],
+            metrics["top5_error"],
+        )
+        row = {k: metrics[k] for k in ("loss", "top1_error", "top5_error")}
+        self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items()})
+        self._append(step, split, row | {"lr": learning_rate})
+
+    def _append(self, step: int, split: str, values: dict[str, float]) -> None:
+        if self.is_chief:
+            record = {"step": step, "epoch": step / self.steps_per_epoch, "split": split, **values}
+            with (epath.Path(self.workdir) / "metrics.jsonl").open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
 
 
-def evaluate(
+def run_validation(
     config: ml_collections.ConfigDict,
-    model: models.VGG,
     params: Any,
     mesh: Any,
     eval_step: Callable[..., dict[str, jax.Array]],
@@ -252,9 +330,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Exact validation metrics: every example once (padding masked), the same batch count on every host."""
     if config.eval_method == "dense":
-        from vgg_jax import evaluate as paper_evaluation
-
-        result = paper_evaluation.evaluate_params(
+        result = evaluation.evaluate_params(
             config, params, method="dense", scales=[config.eval_scale], split=split, mesh=mesh
         )
         return {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
@@ -272,66 +348,67 @@ def evaluate(
     }
 
 
-def _append_metrics(workdir: str, record: dict[str, Any]) -> None:
-    if jax.process_index() == 0:
-        with (epath.Path(workdir) / "metrics.jsonl").open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
+def _adjust_learning_rate(
+    config: ml_collections.ConfigDict, plateau: optim.PlateauControl, state: TrainState, top1_error: float, mesh: Any
+) -> TrainState:
+    """Paper §3.1: under 'plateau', the validation error decides the next rate (÷10 when it stalls)."""
+    if config.lr_schedule != "plateau":
+        return state
+    learning_rate = float(jax.device_get(optim.current_learning_rate(state.opt_state)))
+    new_plateau = plateau.update(jax.device_get(state.plateau), top1_error)
+    new_rate = plateau.learning_rate(new_plateau)
+    if new_rate != learning_rate:
+        logging.info("plateau: learning rate %.3g → %.3g", learning_rate, new_rate)
+    return state.replace(
+        plateau=parallel.replicate(new_plateau, mesh),
+        opt_state=optim.with_learning_rate(state.opt_state, new_rate),
+    )
+
+
+def _should_stop(
+    config: ml_collections.ConfigDict,
+    step: int,
+    start_step: int,
+    preemption: _Preemption,
+    manager: ocp.CheckpointManager,
+) -> bool:
+    """Preemption (SIGTERM or Orbax's notice) or `stop_after_steps`: the same decision on every process."""
+    if jax.process_count() > 1:  # every process must take the same decision at the same step
+        stop = step % config.log_every_steps == 0 and bool(
+            np.any(multihost_utils.process_allgather(np.asarray(preemption.requested)))
+        )
+    else:
+        stop = preemption.requested
+    stop = stop or manager.reached_preemption(step)
+    return stop or (config.get("stop_after_steps", -1) > 0 and step - start_step >= config.stop_after_steps)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains `config` in `workdir`, evaluating, checkpointing and resuming; returns the final state."""
+    """Trains `config` in `workdir`, evaluating, checkpointing and resuming; returns the final state.
+
+    `workdir`, `config.data_dir` and `config.warm_start.checkpoint` may be relative or start with `~`.
+    """
+    workdir = paths.resolve(workdir)
+    paths.resolve_config_paths(config)
     parallel.initialize(config.get("distributed"))
     _check_config(config, workdir)
-    metadata = input_pipeline.dataset_metadata(config)  # raises early for a missing data set
-    if metadata.num_classes != config.model.num_classes:
-        logging.info(
-            "config.model.num_classes=%d → %d (from data set %s)",
-            config.model.num_classes,
-            metadata.num_classes,
-            config.dataset,
-        )
-        config.model.num_classes = metadata.num_classes
+    _adopt_dataset_classes(config)
     mesh = parallel.create_mesh()
     parallel.check_batch_size(config.global_batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
 
+    # Build: the network, the optimiser, the schedule.
     steps_per_epoch = input_pipeline.steps_per_epoch(config)
     total_steps = _num_train_steps(config, steps_per_epoch)
     eval_every = _eval_every(config, steps_per_epoch)
     model = models.from_config(config)
     tx = optim.create_optimizer(config, steps_per_epoch)
     plateau = optim.PlateauControl(config)
-
-    host_state = create_train_state(config, model, tx, plateau)
-    parallel.barrier("setup")
-    manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
-    replicated = parallel.replicated(mesh)
-    latest = manager.latest_step()
-    if latest is not None:
-        target = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated), host_state
-        )
-        restored = manager.restore(
-            latest,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target.params),
-                train_state=ocp.args.StandardRestore(
-                    {"step": target.step, "opt_state": target.opt_state, "plateau": target.plateau}
-                ),
-            ),
-        )
-        extra = restored["train_state"]
-        state = TrainState(
-            step=extra["step"], params=restored["params"], opt_state=extra["opt_state"], plateau=extra["plateau"]
-        )
-        logging.info("resumed from %s at step %d", workdir, latest)
-    else:
-        state = parallel.replicate(_apply_warm_start(config, host_state, tx), mesh)
-    checkpoints.save_config(workdir, config)
-    start_step = int(jax.device_get(state.step))
-
-    root_key = jax.random.key(config.seed)
-    data_sharding = parallel.data_sharded(mesh)
+    replicated, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
     train_step = jax.jit(
         make_train_step(config, model, tx),
         in_shardings=(replicated, data_sharding, replicated),
@@ -342,10 +419,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
     )
 
-    is_chief = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=False)
-    if start_step == 0 and is_chief:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    # Restore (resume) > warm start > seeded init.
+    host_state = create_train_state(config, model, tx, plateau)
+    parallel.barrier("setup")
+    manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
+    state = checkpoints.restore_train_state(manager, host_state, replicated)
+    if state is not None:
+        logging.info("resumed from %s at step %d", workdir, int(jax.device_get(state.step)))
+    else:
+        state = parallel.replicate(_apply_warm_start(config, host_state, tx), mesh)
+    checkpoints.save_config(workdir, config)
+    start_step = int(jax.device_get(state.step))
     logging.info(
         "VGG-%s on %s: %d steps (%d per epoch), global batch %d on %d devices / %d processes",
         config.model.variant,
@@ -357,108 +441,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.process_count(),
     )
 
+    root_key = jax.random.key(config.seed)
     train_iter: Iterator[dict[str, np.ndarray]] = input_pipeline.create_train_iterator(config, start_step=start_step)
-    progress = _Progress(total_steps, config.global_batch_size, last_step=start_step)
-    pending: list[tuple[int, dict[str, jax.Array]]] = []  # step metrics not yet checked on the host
-
-    def check_finite(step: int) -> list[tuple[int, dict[str, float]]]:
-        """Fetches pending metrics; raises before anything non-finite can be saved."""
-        nonlocal pending
-        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
-        pending = []
-        for s, m in fetched:
-            if not math.isfinite(m["loss"]) or m["params_finite"] != 1.0:
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({m['loss']}) or parameters at step {s}; stopping. The last good "
-                    f"checkpoint (step {manager.latest_step()}) in {workdir} is untouched — lower config.learning_rate "
-                    "or check the data."
-                )
-        return fetched
+    reporter = _Reporter(config, workdir, total_steps, start_step)
+    guard = _FiniteGuard(manager, workdir)
 
     def save(step: int, metrics: dict[str, float] | None = None, force: bool = False) -> None:
-        check_finite(step)
-        epoch = step / steps_per_epoch
-        meta = {"step": step, "epoch": epoch, **(metrics or {})}
-        checkpoints.save(
-            manager,
-            step,
-            params=state.params,
-            train_state={"step": state.step, "opt_state": state.opt_state, "plateau": state.plateau},
-            meta=meta,
-            metrics=metrics,
-            force=force,
-        )
+        guard.fetch()  # raises before a non-finite state is written
+        meta = {"step": step, "epoch": step / steps_per_epoch, **(metrics or {})}
+        checkpoints.save_train_state(manager, state, meta=meta, metrics=metrics, force=force)
 
-    with _Preemption() as preemption:
-        step = start_step
-        try:
+    step = start_step
+    try:
+        with _Preemption() as preemption:
             while step < total_steps:
-                batch = parallel.global_batch(next(train_iter), mesh)
-                state, metrics = train_step(state, batch, root_key)
+                state, metrics = train_step(state, parallel.global_batch(next(train_iter), mesh), root_key)
                 step += 1
-                pending.append((step, metrics))
-
+                guard.add(step, metrics)
                 if step % config.log_every_steps == 0 or step == total_steps:
-                    fetched = check_finite(step)
-                    means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-                    means.pop("params_finite")
-                    images_per_second, eta = progress.rates(step)
-                    logging.info(
-                        "step %d/%d  epoch %.2f  loss %.4f  top-1 err %.3f  top-5 err %.3f  lr %.2g  %.1f img/s  ETA %s",  # noqa: E501
-                        step,
-                        total_steps,
-                        step / steps_per_epoch,
-                        means["loss"],
-                        means["top1_error"],
-                        means["top5_error"],
-                        means["learning_rate"],
-                        images_per_second,
-                        _format_eta(eta),
-                    )
-                    writer.write_scalars(
-                        step, {f"train/{k}": v for k, v in means.items()} | {"images_per_second": images_per_second}
-                    )
+                    reporter.train(step, guard.fetch())
 
                 eval_metrics = None
                 if step % eval_every == 0 or step == total_steps:
-                    check_finite(step)
-                    eval_metrics = evaluate(config, model, state.params, mesh, eval_step)
-                    learning_rate = float(jax.device_get(optim.current_learning_rate(state.opt_state)))
-                    if config.lr_schedule == "plateau":
-                        new_plateau = plateau.update(jax.device_get(state.plateau), eval_metrics["top1_error"])
-                        new_rate = plateau.learning_rate(new_plateau)
-                        if new_rate != learning_rate:
-                            logging.info("plateau: learning rate %.3g → %.3g", learning_rate, new_rate)
-                        state = state.replace(
-                            plateau=parallel.replicate(new_plateau, mesh),
-                            opt_state=optim.with_learning_rate(state.opt_state, new_rate),
-                        )
-                    record = {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "split": config.eval_split,
-                        **{k: eval_metrics[k] for k in ("loss", "top1_error", "top5_error")},
-                        "lr": learning_rate,
-                    }
-                    logging.info(
-                        "eval %s at step %d: loss %.4f  top-1 err %.4f  top-5 err %.4f",
-                        config.eval_split,
-                        step,
-                        record["loss"],
-                        record["top1_error"],
-                        record["top5_error"],
-                    )
-                    writer.write_scalars(step, {f"eval/{k}": record[k] for k in ("loss", "top1_error", "top5_error")})
-                    _append_metrics(workdir, record)
+                    guard.fetch()
+                    eval_metrics = run_validation(config, state.params, mesh, eval_step)
+                    reporter.eval(step, eval_metrics, float(optim.current_learning_rate(state.opt_state)))
+                    state = _adjust_learning_rate(config, plateau, state, eval_metrics["top1_error"], mesh)
 
-                if jax.process_count() > 1:  # every process must take the same decision at the same step
-                    stop = step % config.log_every_steps == 0 and bool(
-                        np.any(multihost_utils.process_allgather(np.asarray(preemption.requested)))
-                    )
-                else:
-                    stop = preemption.requested
-                stop = stop or manager.reached_preemption(step)
-                stop = stop or (config.get("stop_after_steps", -1) > 0 and step - start_step >= config.stop_after_steps)
+                stop = _should_stop(config, step, start_step, preemption, manager)
                 if eval_metrics is not None:
                     save(step, {"top1_error": eval_metrics["top1_error"]})
                 elif step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
@@ -466,14 +476,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if stop and step < total_steps:
                     logging.warning("stopped early: saved step %d; rerun the same command to resume", step)
                     break
-            logging.info(
-                "process %d: parameter checksum at step %d: %.17g", jax.process_index(), step, parameter_checksum(state)
-            )
-        finally:
-            manager.wait_until_finished()
-            manager.close()
-            writer.flush()
-            writer.close()
+        logging.info(
+            "process %d: parameter checksum at step %d: %.17g", jax.process_index(), step, parameter_checksum(state)
+        )
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        reporter.close()
     return state
 
 
