@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (tf.data) is no
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-# Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py); input_pipeline hides GPUs from TF.
+# Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py); vgg_jax.data hides GPUs from TF.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/d.py:scale=384.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs (resumes if present).")

@@ -29,7 +29,8 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, input_pipeline, models, optim, parallel, preprocess
+from vgg_jax import checkpoints, models, optim, parallel, preprocess
+from vgg_jax.data import sources, streams
 
 
 @flax.struct.dataclass
@@ -135,8 +136,8 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ValueError(f"config.model.variant={config.model.variant!r}; expected one of {models.VARIANTS}")
     if config.crop_size % 32:
         raise ValueError(f"config.crop_size={config.crop_size} must be a multiple of 32 (five 2x2 pools)")
-    input_pipeline.check_train_config(config)  # S range, crop inside S, corrupt-record mode
-    input_pipeline.check_eval_scale(config, config.eval_scale)
+    streams.check_train_config(config)  # S range, crop inside S, corrupt-record mode
+    streams.check_eval_scale(config, config.eval_scale)
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; expected 'float32' or 'bfloat16'")
     if config.eval_method not in ("center_crop", "dense"):
@@ -259,7 +260,7 @@ def evaluate(
         )
         return {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
     totals: dict[str, float] = {}
-    for local_batch in input_pipeline.create_eval_iterator(config, split):
+    for local_batch in streams.create_eval_iterator(config, split):
         sums = eval_step(params, parallel.global_batch(local_batch, mesh))
         for name, value in jax.device_get(sums).items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -282,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains `config` in `workdir`, evaluating, checkpointing and resuming; returns the final state."""
     parallel.initialize(config.get("distributed"))
     _check_config(config, workdir)
-    metadata = input_pipeline.dataset_metadata(config)  # raises early for a missing data set
+    metadata = sources.dataset_metadata(config)  # raises early for a missing data set
     if metadata.num_classes != config.model.num_classes:
         logging.info(
             "config.model.num_classes=%d → %d (from data set %s)",
@@ -295,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.check_batch_size(config.global_batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
 
-    steps_per_epoch = input_pipeline.steps_per_epoch(config)
+    steps_per_epoch = streams.steps_per_epoch(config)
     total_steps = _num_train_steps(config, steps_per_epoch)
     eval_every = _eval_every(config, steps_per_epoch)
     model = models.from_config(config)
@@ -357,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.process_count(),
     )
 
-    train_iter: Iterator[dict[str, np.ndarray]] = input_pipeline.create_train_iterator(config, start_step=start_step)
+    train_iter: Iterator[dict[str, np.ndarray]] = streams.create_train_iterator(config, start_step=start_step)
     progress = _Progress(total_steps, config.global_batch_size, last_step=start_step)
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # step metrics not yet checked on the host
 
