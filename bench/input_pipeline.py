@@ -3,7 +3,7 @@
 Makes ImageNet-like JPEGs (about 500×375, quality 90) by random crops and resizes of the photos that
 scikit-learn and scikit-image ship, then times, on the same files and in the same run:
 
-- ``tf_fast``: vgg_jax's training op (`input_pipeline.random_rescaled_crop`): JPEG decoded only inside
+- ``tf_fast``: vgg_jax's training op (`vgg_jax.data.image_ops.random_rescaled_crop`): JPEG decoded only inside
   the crop's window (`tf.io.decode_and_crop_jpeg`), rescale+crop in one antialiased `ScaleAndTranslate`;
 - ``tf_fast_bilinear``: the same with ``resize='fast'`` (config.resize_method): plain bilinear of the
   window (no antialiasing), nearest-pixel alignment;
@@ -72,14 +72,14 @@ def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact") -> li
     tf.config.threading.set_inter_op_parallelism_threads(cores)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     sys.path.insert(0, REPO)
-    from vgg_jax import input_pipeline as ip
+    from vgg_jax.data import image_ops
 
     smin, smax, crop = args.scale_min, args.scale_max, args.crop
 
     def naive(data, seed):
         seeds = tf.random.experimental.stateless_split(seed, 3)
         s = tf.random.stateless_uniform([], seed=seeds[0], minval=smin, maxval=smax + 1, dtype=tf.int32)
-        image = ip.rescale_smaller_side(tf.io.decode_image(data, channels=3, expand_animations=False), s)
+        image = image_ops.rescale_smaller_side(tf.io.decode_image(data, channels=3, expand_animations=False), s)
         image = tf.image.stateless_random_crop(image, [crop, crop, 3], seed=seeds[1])
         return tf.image.stateless_random_flip_left_right(image, seed=seeds[2])
 
@@ -88,7 +88,7 @@ def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact") -> li
         seed = tf.stack([tf.constant(0, tf.int64), index])
         if fast:
             kwargs = dict(scale_min=smin, scale_max=smax, crop=crop, flip=True, resize=resize)
-            return ip.random_rescaled_crop(data, seed, **kwargs)[0]
+            return image_ops.random_rescaled_crop(data, seed, **kwargs)[0]
         return naive(data, seed)
 
     options = tf.data.Options()

@@ -1,4 +1,4 @@
-"""The embedded data set (vgg_jax/datasets): prepares offline, documented sizes and contents."""
+"""The embedded data set (vgg_jax/data/embedded.py): prepares offline, documented sizes and contents."""
 
 import socket
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import vgg_jax.datasets
-from vgg_jax.datasets import sklearn_digits
+from vgg_jax.data import embedded
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +29,15 @@ def prepared(tmp_path_factory):
 
 
 def test_registered_on_import():
-    assert vgg_jax.datasets.SklearnDigits.name == "sklearn_digits"
+    assert embedded.SklearnDigits.name == "sklearn_digits"
     assert "sklearn_digits" in tfds.list_builders()
 
 
 def test_sizes_and_features(prepared):
     info = prepared.info
     assert prepared.is_prepared()
-    assert info.splits["train"].num_examples == sklearn_digits.NUM_TRAIN == 1437
-    assert info.splits["test"].num_examples == sklearn_digits.NUM_TEST == 360
+    assert info.splits["train"].num_examples == embedded.NUM_TRAIN == 1437
+    assert info.splits["test"].num_examples == embedded.NUM_TEST == 360
     assert info.features["label"].names == [str(d) for d in range(10)]
     assert info.features["image"].shape == (8, 8, 3)
     assert info.features["image"].encoding_format == "png"
@@ -73,6 +72,6 @@ def test_split_is_fixed_stratified_and_disjoint(prepared):
         indices[split] = np.array(sorted(int(ex["index"]) for ex in ds))
     assert not set(indices["train"]) & set(indices["test"])
     assert len(indices["train"]) + len(indices["test"]) == 1797
-    np.testing.assert_array_equal(indices["test"], sklearn_digits.split_indices()["test"])
+    np.testing.assert_array_equal(indices["test"], embedded.split_indices()["test"])
     per_class = np.bincount(labels[indices["test"]], minlength=10)
     assert per_class.min() >= 35 and per_class.max() <= 37

@@ -534,9 +534,9 @@ def _split_with_limit(split: str, max_examples: int | None) -> str:
 
 def _num_examples(config: ml_collections.ConfigDict, split: str, max_examples: int | None) -> int | None:
     try:
-        from vgg_jax import input_pipeline
+        from vgg_jax.data import sources
 
-        total = int(input_pipeline.dataset_metadata(config).num_examples(split))
+        total = int(sources.dataset_metadata(config).num_examples(split))
     except Exception:  # progress only: an unknown total just means no ETA
         return max_examples
     return min(total, max_examples) if max_examples else total
@@ -546,16 +546,16 @@ def _scaled_examples(config: ml_collections.ConfigDict, split: str, scales: Sequ
     """This process's shard of `split`, each image rescaled (smaller side) to every Q, as NumPy."""
     import tensorflow as tf
 
-    from vgg_jax import input_pipeline
+    from vgg_jax.data import image_ops, streams
 
-    dataset = input_pipeline.load_eval_images(
+    dataset = streams.load_eval_images(
         config, split=split, process_index=jax.process_index(), process_count=jax.process_count()
     )
 
     def rescale(example):
         scaled = {}
         for q in scales:
-            image = input_pipeline.rescale_smaller_side(example["image"], q)
+            image = image_ops.rescale_smaller_side(example["image"], q)
             if image.dtype != tf.uint8:
                 image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
             scaled[str(q)] = image

@@ -344,7 +344,7 @@ def class_names_for(config: ml_collections.ConfigDict) -> list[str] | None:
         names = config.class_names
         return list(names) if names is not None else None
     try:
-        from vgg_jax.input_pipeline import dataset_metadata
+        from vgg_jax.data.sources import dataset_metadata
 
         names = dataset_metadata(config).class_names
     except Exception as error:  # noqa: BLE001 (names are a nicety: never fail a load over them)

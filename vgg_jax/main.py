@@ -23,7 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from vgg_jax import configs, console  # noqa: E402
 
-# Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py).
+# Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py); vgg_jax.data hides GPUs from TF.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/d.py:scale=384.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs (resumes if present).")

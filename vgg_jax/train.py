@@ -27,8 +27,9 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, input_pipeline, models, optim, parallel, paths, preprocess, progress
+from vgg_jax import checkpoints, models, optim, parallel, paths, preprocess, progress
 from vgg_jax import evaluate as evaluation
+from vgg_jax.data import sources, streams
 
 
 @flax.struct.dataclass
@@ -134,8 +135,8 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ValueError(f"config.model.variant={config.model.variant!r}; expected one of {models.VARIANTS}")
     if config.crop_size % 32:
         raise ValueError(f"config.crop_size={config.crop_size} must be a multiple of 32 (five 2x2 pools)")
-    input_pipeline.check_train_config(config)  # S range, crop inside S, corrupt-record mode
-    input_pipeline.check_eval_scale(config, config.eval_scale)
+    streams.check_train_config(config)  # S range, crop inside S, corrupt-record mode
+    streams.check_eval_scale(config, config.eval_scale)
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; expected 'float32' or 'bfloat16'")
     if config.eval_method not in ("center_crop", "dense"):
@@ -153,7 +154,7 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _adopt_dataset_classes(config: ml_collections.ConfigDict) -> None:
     """The head's width follows the data set (raises early when the data set is missing)."""
-    metadata = input_pipeline.dataset_metadata(config)
+    metadata = sources.dataset_metadata(config)
     if metadata.num_classes != config.model.num_classes:
         logging.info(
             "config.model.num_classes=%d → %d (from data set %s)",
@@ -266,7 +267,7 @@ class _Reporter:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int) -> None:
         self.config, self.workdir, self.total_steps = config, workdir, total_steps
-        self.steps_per_epoch = input_pipeline.steps_per_epoch(config)
+        self.steps_per_epoch = streams.steps_per_epoch(config)
         self.is_chief = jax.process_index() == 0
         # TensorBoard only: clu's default writer also logs every scalar, a second line per step.
         self.writer = metric_writers.SummaryWriter(workdir) if self.is_chief else metric_writers.MultiWriter([])
@@ -335,7 +336,7 @@ def run_validation(
         )
         return {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
     totals: dict[str, float] = {}
-    for local_batch in input_pipeline.create_eval_iterator(config, split):
+    for local_batch in streams.create_eval_iterator(config, split):
         sums = eval_step(params, parallel.global_batch(local_batch, mesh))
         for name, value in jax.device_get(sums).items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -402,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.check_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
 
     # Build: the network, the optimiser, the schedule.
-    steps_per_epoch = input_pipeline.steps_per_epoch(config)
+    steps_per_epoch = streams.steps_per_epoch(config)
     total_steps = _num_train_steps(config, steps_per_epoch)
     eval_every = _eval_every(config, steps_per_epoch)
     model = models.from_config(config)
@@ -442,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     root_key = jax.random.key(config.seed)
-    train_iter: Iterator[dict[str, np.ndarray]] = input_pipeline.create_train_iterator(config, start_step=start_step)
+    train_iter: Iterator[dict[str, np.ndarray]] = streams.create_train_iterator(config, start_step=start_step)
     reporter = _Reporter(config, workdir, total_steps, start_step)
     guard = _FiniteGuard(manager, workdir)
 

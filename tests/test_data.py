@@ -1,4 +1,4 @@
-"""vgg_jax.input_pipeline: paper §3.1 training data, §3.2 test preprocessing, the on-device colour shift."""
+"""vgg_jax.data: paper §3.1 training data, §3.2 test preprocessing; vgg_jax.preprocess: the on-device colour shift."""
 
 import importlib.util
 import io
@@ -13,8 +13,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vgg_jax import input_pipeline as ip
 from vgg_jax import preprocess
+from vgg_jax.data import image_ops, mean_rgb, sources, streams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,7 @@ def make_config(data_dir="", **overrides):
 def digits_dir(tmp_path_factory):
     """A data_dir where get_dataset_builder prepares the embedded set on first use."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    builder = ip.get_dataset_builder(make_config(data_dir))
+    builder = sources.get_dataset_builder(make_config(data_dir))
     assert builder.is_prepared()
     return data_dir
 
@@ -79,10 +79,10 @@ def test_mock_data_train_and_eval(name, num_classes):
     config = make_config(dataset=name, eval_split="test" if name == "stl10" else "validation")
     config.update(global_batch_size=4, eval_batch_size=6, crop_size=24, scale_min=24, scale_max=40, eval_scale=32)
     with tfds.testing.mock_data(num_examples=8):
-        meta = ip.dataset_metadata(config)
+        meta = sources.dataset_metadata(config)
         assert meta.num_classes == num_classes and len(meta.class_names) == num_classes
-        assert ip.steps_per_epoch(config, process_count=1) == 2
-        it = ip.create_train_iterator(config, process_index=0, process_count=1)
+        assert streams.steps_per_epoch(config, process_count=1) == 2
+        it = streams.create_train_iterator(config, process_index=0, process_count=1)
         for _ in range(3):  # crosses an epoch boundary
             batch = next(it)
             assert set(batch) == {"image", "label"}
@@ -90,8 +90,8 @@ def test_mock_data_train_and_eval(name, num_classes):
             assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
             assert ((batch["label"] >= 0) & (batch["label"] < num_classes)).all()
             assert batch["image"].std() > 0  # decoded random pixels, not padding
-        batches = list(ip.create_eval_iterator(config, process_index=0, process_count=1))
-        assert len(batches) == ip.num_eval_batches(config, process_count=1) == 2
+        batches = list(streams.create_eval_iterator(config, process_index=0, process_count=1))
+        assert len(batches) == streams.num_eval_batches(config, process_count=1) == 2
         assert [b["mask"].sum() for b in batches] == [6, 2]
         assert batches[1]["image"][2:].max() == 0
         assert all(b["image"].shape == (6, 24, 24, 3) and b["label"].dtype == np.int32 for b in batches)
@@ -107,15 +107,15 @@ def _in_map(fn, *inputs):
 
 def test_rescale_smaller_side_eager_and_in_map():
     image = photo()  # 427×640
-    eager = ip.rescale_smaller_side(image, 256).numpy()
+    eager = image_ops.rescale_smaller_side(image, 256).numpy()
     assert eager.shape == (256, 384, 3) and eager.dtype == np.uint8
-    np.testing.assert_array_equal(eager, _in_map(lambda x: ip.rescale_smaller_side(x, 256), image))
-    portrait = ip.rescale_smaller_side(image.transpose(1, 0, 2), 100).numpy()
+    np.testing.assert_array_equal(eager, _in_map(lambda x: image_ops.rescale_smaller_side(x, 256), image))
+    portrait = image_ops.rescale_smaller_side(image.transpose(1, 0, 2), 100).numpy()
     assert portrait.shape == (150, 100, 3)
     # Against PIL's antialiased bilinear resize: same picture up to resampling details.
     reference = np.asarray(Image.fromarray(image).resize((384, 256), Image.BILINEAR)).astype(float)
     assert np.abs(eager - reference).mean() < 3.0
-    grey = ip.rescale_smaller_side(image[:, :, :1], 64).numpy()
+    grey = image_ops.rescale_smaller_side(image[:, :, :1], 64).numpy()
     assert grey.shape == (64, 96, 3) and (grey[..., 0] == grey[..., 2]).all()
 
 
@@ -124,20 +124,20 @@ def test_rescaled_crop_equals_rescale_then_crop(encode):
     image = photo(1)
     data = {"jpeg": jpeg_bytes, "png": png_bytes, "raw": lambda a: a}[encode](image)
     decoded = tf.io.decode_image(data, channels=3).numpy() if encode != "raw" else image
-    full = ip.rescale_smaller_side(decoded, 300).numpy()  # 300×450
+    full = image_ops.rescale_smaller_side(decoded, 300).numpy()  # 300×450
     for oy, ox in [(0, 0), (76, 226), (37, 101)]:
 
         def offsets(h, w, oy=oy, ox=ox):
             return tf.constant(oy), tf.constant(ox)
 
-        eager = ip.rescaled_crop(data, 300, 224, offsets).numpy()
-        mapped = _in_map(lambda x, offsets=offsets: ip.rescaled_crop(x, 300, 224, offsets), data)
+        eager = image_ops.rescaled_crop(data, 300, 224, offsets).numpy()
+        mapped = _in_map(lambda x, offsets=offsets: image_ops.rescaled_crop(x, 300, 224, offsets), data)
         np.testing.assert_array_equal(eager, mapped)
         expected = full[oy : oy + 224, ox : ox + 224].astype(int)
         assert np.abs(eager.astype(int) - expected).max() <= 1
-    centre = ip.rescaled_crop(data, 300, 224).numpy().astype(int)
+    centre = image_ops.rescaled_crop(data, 300, 224).numpy().astype(int)
     assert np.abs(centre - full[38:262, 113:337].astype(int)).max() <= 1
-    fast = ip.rescaled_crop(data, 300, 224, resize="fast").numpy().astype(int)
+    fast = image_ops.rescaled_crop(data, 300, 224, resize="fast").numpy().astype(int)
     assert fast.shape == (224, 224, 3) and 0 < np.abs(fast - centre).mean() < 4.0
 
 
@@ -145,12 +145,12 @@ def test_random_rescaled_crop_eager_equals_map_and_grey_jpeg():
     data = jpeg_bytes(photo(0))
     seed = tf.constant([3, 4], tf.int64)
     kwargs = dict(scale_min=256, scale_max=512, crop=224, flip=True)
-    eager, details = ip.random_rescaled_crop(data, seed, **kwargs)
-    mapped, mapped_details = _in_map(lambda x, s: ip.random_rescaled_crop(x, s, **kwargs), data, seed)
+    eager, details = image_ops.random_rescaled_crop(data, seed, **kwargs)
+    mapped, mapped_details = _in_map(lambda x, s: image_ops.random_rescaled_crop(x, s, **kwargs), data, seed)
     np.testing.assert_array_equal(eager.numpy(), mapped)
     assert int(details["scale"]) == int(mapped_details["scale"])
     grey = jpeg_bytes(photo(0)[:, :, 1])
-    out, _ = ip.random_rescaled_crop(grey, seed, **kwargs)
+    out, _ = image_ops.random_rescaled_crop(grey, seed, **kwargs)
     assert out.shape == (224, 224, 3) and (out.numpy()[..., 0] == out.numpy()[..., 1]).all()
 
 
@@ -161,7 +161,9 @@ def test_augmentation_statistics():
 
     def sample(i):
         seed = tf.stack([tf.constant(7, tf.int64), i])
-        out, d = ip.random_rescaled_crop(tf.constant(image), seed, scale_min=smin, scale_max=smax, crop=crop, flip=True)
+        out, d = image_ops.random_rescaled_crop(
+            tf.constant(image), seed, scale_min=smin, scale_max=smax, crop=crop, flip=True
+        )
         return out, d["scale"], d["offset_y"], d["offset_x"], d["flipped"]
 
     outs, scales, oys, oxs, flips = (
@@ -177,11 +179,11 @@ def test_augmentation_statistics():
     assert oys.max() > 0 and oxs.max() > 0
     assert 0.42 < flips.mean() < 0.58  # 600 fair coins: sd 0.02
     for k in range(8):  # the crop shows what the rescaled image has there (mirrored when flipped)
-        full = ip.rescale_smaller_side(image, int(scales[k])).numpy()
+        full = image_ops.rescale_smaller_side(image, int(scales[k])).numpy()
         expected = full[oys[k] : oys[k] + crop, oxs[k] : oxs[k] + crop]
         expected = expected[:, ::-1] if flips[k] else expected
         assert np.abs(outs[k].astype(int) - expected.astype(int)).max() <= 1
-    no_flip = ip.random_rescaled_crop(
+    no_flip = image_ops.random_rescaled_crop(
         image, tf.constant([1, 1], tf.int64), scale_min=20, scale_max=20, crop=20, flip=False
     )
     assert not bool(no_flip[1]["flipped"])
@@ -230,19 +232,19 @@ def test_preprocess_for_model():
 
 def test_metadata_and_steps(digits_dir):
     config = make_config(digits_dir, global_batch_size=64)
-    meta = ip.dataset_metadata(config)
+    meta = sources.dataset_metadata(config)
     assert meta.num_classes == 10 and meta.class_names == [str(d) for d in range(10)]
     assert meta.num_examples("train") == 1437 and meta.num_examples("test") == 360
-    assert ip.steps_per_epoch(config, process_count=1) == 1437 // 64
-    assert ip.steps_per_epoch(config, process_count=2) == (1437 // 2) // 32
+    assert streams.steps_per_epoch(config, process_count=1) == 1437 // 64
+    assert streams.steps_per_epoch(config, process_count=2) == (1437 // 2) // 32
 
 
 def test_determinism_and_resume(digits_dir):
     config = make_config(digits_dir)  # 256 per batch: 5 steps per epoch
-    assert ip.steps_per_epoch(config, process_count=1) == 5
+    assert streams.steps_per_epoch(config, process_count=1) == 5
 
     def take(cfg, n, start=0):
-        it = ip.create_train_iterator(cfg, start_step=start, process_index=0, process_count=1)
+        it = streams.create_train_iterator(cfg, start_step=start, process_index=0, process_count=1)
         return [next(it) for _ in range(n)]
 
     first = take(config, 7)
@@ -263,7 +265,7 @@ def test_train_shards_disjoint_and_cover(digits_dir):
     config = make_config(digits_dir)  # 2 processes: 128 each, 5 steps, 640 of 718/719 examples per epoch
     seen = []
     for index in range(2):
-        ds, _ = ip._train_dataset(config, start_step=0, process_index=index, process_count=2, with_details=True)
+        ds, _ = streams._train_dataset(config, start_step=0, process_index=index, process_count=2, with_details=True)
         batches = list(ds.take(5).as_numpy_iterator())
         indices = np.concatenate([b["index"] for b in batches])
         assert len(indices) == len(set(indices)) == 640 and (np.concatenate([b["epoch"] for b in batches]) == 0).all()
@@ -274,9 +276,9 @@ def test_train_shards_disjoint_and_cover(digits_dir):
 
 def test_input_shards_make_one_process_see_what_two_hosts_see(digits_dir):
     config = make_config(digits_dir, global_batch_size=64, input_shards=2)
-    assert ip.steps_per_epoch(config, process_count=1) == ip.steps_per_epoch(config, process_count=2) == 22
-    alone = ip.create_train_iterator(config, start_step=3, process_index=0, process_count=1)
-    hosts = [ip.create_train_iterator(config, start_step=3, process_index=i, process_count=2) for i in range(2)]
+    assert streams.steps_per_epoch(config, process_count=1) == streams.steps_per_epoch(config, process_count=2) == 22
+    alone = streams.create_train_iterator(config, start_step=3, process_index=0, process_count=1)
+    hosts = [streams.create_train_iterator(config, start_step=3, process_index=i, process_count=2) for i in range(2)]
     for _ in range(2):
         batch = next(alone)
         parts = [next(host) for host in hosts]
@@ -284,20 +286,20 @@ def test_input_shards_make_one_process_see_what_two_hosts_see(digits_dir):
         np.testing.assert_array_equal(batch["image"], np.concatenate([p["image"] for p in parts]))
         np.testing.assert_array_equal(batch["label"], np.concatenate([p["label"] for p in parts]))
     with pytest.raises(ValueError, match="input_shards=3"):
-        ip.create_train_iterator(make_config(digits_dir, input_shards=3), process_index=0, process_count=2)
+        streams.create_train_iterator(make_config(digits_dir, input_shards=3), process_index=0, process_count=2)
 
 
 def test_eval_shards_disjoint_cover_and_padding(digits_dir):
     config = make_config(digits_dir, eval_batch_size=6)
     split = "test[:10]"  # 3 processes: shards of 4, 3, 3 examples; local batch 2 → 2 batches everywhere
-    assert ip.num_eval_batches(config, split, process_count=3) == 2
+    assert streams.num_eval_batches(config, split, process_count=3) == 2
     indices, labels = [], {}
     for index in range(3):
-        images = list(ip.load_eval_images(config, split, process_index=index, process_count=3).as_numpy_iterator())
+        images = list(streams.load_eval_images(config, split, process_index=index, process_count=3).as_numpy_iterator())
         assert all(x["image"].shape == (8, 8, 3) and x["image"].dtype == np.uint8 for x in images)
         indices += [int(x["index"]) for x in images]
         labels.update({int(x["index"]): int(x["label"]) for x in images})
-        batches = list(ip.create_eval_iterator(config, split, process_index=index, process_count=3))
+        batches = list(streams.create_eval_iterator(config, split, process_index=index, process_count=3))
         assert len(batches) == 2
         mask = np.concatenate([b["mask"] for b in batches])
         assert mask.sum() == len(images) and mask[: len(images)].all()
@@ -307,7 +309,7 @@ def test_eval_shards_disjoint_cover_and_padding(digits_dir):
     assert sorted(indices) == list(range(10))
     # The full test split on 2 processes: 180 each → batches of 100 + 80 valid.
     config = make_config(digits_dir)
-    batches = list(ip.create_eval_iterator(config, process_index=1, process_count=2))
+    batches = list(streams.create_eval_iterator(config, process_index=1, process_count=2))
     assert [int(b["mask"].sum()) for b in batches] == [100, 80]
     assert batches[0]["image"].shape == (100, 16, 16, 3)
 
@@ -315,13 +317,13 @@ def test_eval_shards_disjoint_cover_and_padding(digits_dir):
 def test_mean_rgb(digits_dir, capsys):
     from sklearn.datasets import load_digits
 
-    from vgg_jax.datasets.sklearn_digits import split_indices
+    from vgg_jax.data.embedded import split_indices
 
     images = np.round(load_digits().images * 255 / 16)[split_indices()["train"]]
     expected = images.mean()
-    rgb = ip.compute_mean_rgb(make_config(digits_dir))
+    rgb = mean_rgb.compute_mean_rgb(make_config(digits_dir))
     np.testing.assert_allclose(rgb, [expected] * 3, rtol=1e-6)
-    assert ip.main(["mean_rgb", "--dataset=sklearn_digits", f"--data_dir={digits_dir}", "--max_examples=50"]) == 0
+    assert mean_rgb.main(["--dataset=sklearn_digits", f"--data_dir={digits_dir}", "--max_examples=50"]) == 0
     assert "mean_rgb = (" in capsys.readouterr().out
 
 
@@ -341,12 +343,12 @@ def test_real_jpeg_decode_matches_pil():
         data = open(path, "rb").read()
         assert data[:2] == b"\xff\xd8"
         reference = np.asarray(Image.open(path).convert("RGB")).astype(int)
-        decoded = ip._decode_full(tf.constant(data)).numpy().astype(int)
+        decoded = image_ops._decode_full(tf.constant(data)).numpy().astype(int)
         assert decoded.shape == reference.shape
         difference = np.abs(decoded - reference)  # libjpeg builds differ in chroma upsampling / IDCT details
         assert difference.mean() < 2.5 and np.percentile(difference, 99) <= 10
-        crop = ip.rescaled_crop(data, 256, 224).numpy()  # window-only decode
-        full = ip.rescale_smaller_side(decoded.astype(np.uint8), 256).numpy()
+        crop = image_ops.rescaled_crop(data, 256, 224).numpy()  # window-only decode
+        full = image_ops.rescale_smaller_side(decoded.astype(np.uint8), 256).numpy()
         h, w = full.shape[:2]
         oy, ox = (h - 224) // 2, (w - 224) // 2
         assert np.abs(crop.astype(int) - full[oy : oy + 224, ox : ox + 224]).max() <= 1
@@ -370,16 +372,16 @@ def _corrupt_as_dataset(self, *args, **kwargs):
 def test_corrupt_records_skip_and_fail():
     config = make_config(dataset="imagenet2012", eval_split="validation", eval_batch_size=8, global_batch_size=3)
     with tfds.testing.mock_data(as_dataset_fn=_corrupt_as_dataset):
-        it = ip.create_eval_iterator(config, process_index=0, process_count=1)
+        it = streams.create_eval_iterator(config, process_index=0, process_count=1)
         (batch,) = list(it)
         assert batch["mask"].sum() == 3 and list(batch["label"][batch["mask"]]) == [0, 3, 4]
         assert it.num_skipped_corrupt == 2
-        train = ip.create_train_iterator(config, process_index=0, process_count=1)
+        train = streams.create_train_iterator(config, process_index=0, process_count=1)
         labels = np.concatenate([next(train)["label"] for _ in range(4)])  # batches of 3 span epochs
         assert set(labels) <= {0, 3, 4} and train.num_skipped_corrupt >= 1
         config.corrupt_images = "fail"
-        with pytest.raises(ip.CorruptImageError, match=r"fake-test\.tfrecord-00000-of-00001__1"):
-            list(ip.create_eval_iterator(config, process_index=0, process_count=1))
+        with pytest.raises(sources.CorruptImageError, match=r"fake-test\.tfrecord-00000-of-00001__1"):
+            list(streams.create_eval_iterator(config, process_index=0, process_count=1))
 
 
 # ------------------------------------------------------------------------------------ clear errors
@@ -387,9 +389,9 @@ def test_corrupt_records_skip_and_fail():
 
 def test_clear_errors(tmp_path, digits_dir):
     with pytest.raises(ValueError, match=r"no_such_set.*configs/e\.py:demo"):
-        ip.get_dataset_builder(make_config(str(tmp_path), dataset="no_such_set"))
+        sources.get_dataset_builder(make_config(str(tmp_path), dataset="no_such_set"))
     with pytest.raises(FileNotFoundError, match=r"downloads/manual.*ILSVRC2012_img_train\.tar.*configs/e\.py:demo"):
-        ip.get_dataset_builder(make_config(str(tmp_path), dataset="imagenet2012"))
+        sources.get_dataset_builder(make_config(str(tmp_path), dataset="imagenet2012"))
     assert not os.path.exists(tmp_path / "imagenet2012" / "5.1.0" / "dataset_info.json")
     cases = [
         (dict(global_batch_size=100), 3, r"global_batch_size=100.*multiple of the number of processes \(3\)"),
@@ -401,11 +403,11 @@ def test_clear_errors(tmp_path, digits_dir):
     ]
     for overrides, count, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
-            ip.create_train_iterator(make_config(digits_dir, **overrides), process_index=0, process_count=count)
+            streams.create_train_iterator(make_config(digits_dir, **overrides), process_index=0, process_count=count)
     with pytest.raises(ValueError, match=r"crop_size=16 is larger than the test scale Q=12"):
-        ip.create_eval_iterator(make_config(digits_dir), scale=12, process_index=0, process_count=1)
+        streams.create_eval_iterator(make_config(digits_dir), scale=12, process_index=0, process_count=1)
     with pytest.raises(ValueError, match=r"eval_batch_size=200.*\(3\)"):
-        ip.create_eval_iterator(make_config(digits_dir), process_index=0, process_count=3)
+        streams.create_eval_iterator(make_config(digits_dir), process_index=0, process_count=3)
 
 
 # ------------------------------------------------------------------------------------ benchmark

@@ -1,4 +1,7 @@
-"""The embedded demo data set: scikit-learn's handwritten digits as a TFDS builder.
+"""Paper §3.1 training data, offline: the embedded demo set, scikit-learn's digits, as a TFDS builder.
+
+Importing this module registers ``sklearn_digits`` with TFDS (`vgg_jax.data.sources` does so), so
+``tfds.builder('sklearn_digits')`` finds it; it prepares from the installed scikit-learn package, no download.
 
 `sklearn.datasets.load_digits()` ships with scikit-learn (no network): 1,797
 grey 8×8 images of the digits 0–9 with values 0..16. The builder stores each as

@@ -1,0 +1,29 @@
+"""Paper §3.1 training data and §3.2 test-time rescaling, on the host (TFDS + tf.data), by layer:
+
+- `sources`: TFDS builders (prepared once, reused), metadata, split checks, example counts,
+  record reading and the pre-decode corrupt-record screen.
+- `embedded`: the embedded ``sklearn_digits`` builder, the offline demo set.
+- `image_ops`: per-image TensorFlow ops: decode, isotropic rescale, the rescaled crop that
+  decodes only its JPEG window, the §3.1 augmentation.
+- `streams`: training and evaluation batches: per-process shards, determinism and resume,
+  masked padding.
+- `mean_rgb`: the training set's mean RGB, and its CLI ``python -m vgg_jax.data.mean_rgb``.
+
+The on-device half (cast, colour shift, mean subtraction) is TensorFlow-free, in `vgg_jax.preprocess`.
+"""
+
+from __future__ import annotations
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """Keeps TensorFlow off every GPU: tf.data runs on the host, and JAX needs the accelerator's memory."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # TensorFlow already initialised its devices: nothing can change now.
+        pass
+
+
+# Before any submodule runs a TensorFlow op: afterwards the device list can no longer change.
+hide_gpus_from_tensorflow()
