@@ -2,7 +2,7 @@
 
 Synthetic 4:3 images, already rescaled to each Q (the host-side rescale is
 the input pipeline's cost, not measured here), run through
-`vgg_jax.evaluate.run_evaluation` — the same code path as real evaluation,
+`vgg_jax.runner.run_evaluation` — the same code path as real evaluation,
 with its dense shape buckets, host-side crops and padded batches. Test
 scales keep the paper's ratios to the crop: Q = 256/224·crop single,
 {224, 256, 288}/224·crop multi. One untimed pass compiles; the median of
@@ -54,7 +54,7 @@ def gmacs_per_image(model, method: str, scales: list[int]) -> float:
     import jax
     import jax.numpy as jnp
 
-    from vgg_jax import evaluate
+    from vgg_jax import protocols
 
     crop = model.crop_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.float32))
@@ -69,12 +69,12 @@ def gmacs_per_image(model, method: str, scales: list[int]) -> float:
     total = 0.0
     for q in scales:
         if method == "dense":
-            canvases = evaluate.dense_canvases(q)
-            landscape = evaluate.choose_canvas(q, round(q * 4 / 3), canvases)
-            portrait = evaluate.choose_canvas(round(q * 4 / 3), q, canvases)
+            canvases = protocols.dense_canvases(q)
+            landscape = protocols.choose_canvas(q, round(q * 4 / 3), canvases)
+            portrait = protocols.choose_canvas(round(q * 4 / 3), q, canvases)
             total += 2 * (0.75 * macs(*landscape, True) + 0.25 * macs(*portrait, True))
         else:
-            total += 2 * evaluate.GRID**2 * macs(crop, crop, False)
+            total += 2 * protocols.GRID**2 * macs(crop, crop, False)
     return total / 1e9
 
 
@@ -93,7 +93,7 @@ def run_benchmark(
     import jax
     import jax.numpy as jnp
 
-    from vgg_jax import evaluate, models
+    from vgg_jax import models, runner
 
     model = models.VGG(
         variant=variant,
@@ -124,7 +124,7 @@ def run_benchmark(
 
         def once(method=method, scales=scales, subset=subset):
             start = time.perf_counter()
-            evaluate.run_evaluation(
+            runner.run_evaluation(
                 model, params, subset, methods=[method], scales=scales, mean_rgb=mean, batch_size=batch_size
             )
             return time.perf_counter() - start

@@ -12,7 +12,7 @@ import pytest
 
 from vgg_jax import checkpoints, evaluate, models
 from vgg_jax.configs import common
-from vgg_jax.evaluate import multicrop_offsets, multicrop_views, topk_errors
+from vgg_jax.protocols import multicrop_offsets, multicrop_views, topk_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 32

@@ -12,19 +12,19 @@ Images are always uint8 RGB NHWC with values 0–255; the run's preprocessing
 (minus ``config.mean_rgb``) is applied here. Converted weights (``convert.py``)
 have their own preprocessing absorbed into conv1_1, so they take the same input.
 
-Dense evaluation (paper §3.2): each image is rescaled so its smaller side is Q
-(bilinear, antialiased), the fully-convolutional net gives a class score map
-that is spatially averaged, soft-maxed, and averaged with the posterior of the
-horizontally flipped image; with several Q the posteriors are averaged over
-scales. The App. B descriptor is the same with an activation map instead of
-the score map: global average over positions, averaged over the image and its
-flip, L2-normalised per scale, averaged over scales and L2-normalised again.
+Dense evaluation (paper §3.2, the arithmetic in `vgg_jax.protocols`): each
+image is rescaled so its smaller side is Q (bilinear, antialiased), the
+fully-convolutional net gives a class score map that is spatially averaged,
+soft-maxed, and averaged with the posterior of the horizontally flipped image;
+with several Q the posteriors are averaged over scales. The App. B descriptor
+is the same with an activation map instead of the score map: global average
+over positions, averaged over the image and its flip, L2-normalised per scale,
+averaged over scales and L2-normalised again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax import checkpoints, models, paths, preprocess
+from vgg_jax import checkpoints, models, paths, preprocess, protocols
+from vgg_jax.protocols import center_crop, resize_smaller_side  # also offered to notebooks from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,36 +60,6 @@ class Prediction:
             labels = self.names[i] if self.names is not None else [str(c) for c in ids]
             lines.append(f"{i}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(labels, probs, strict=True)))
         return "\n".join(lines)
-
-
-def _flip(images: jax.Array) -> jax.Array:
-    return images[:, :, ::-1, :]
-
-
-@functools.partial(jax.jit, static_argnames=("size",))
-def _resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
-    resized = jax.image.resize(
-        images.astype(jnp.float32), (images.shape[0], *size, images.shape[3]), "linear", antialias=True
-    )
-    return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
-
-
-def resize_smaller_side(images: np.ndarray | jax.Array, size: int) -> jax.Array:
-    """Isotropic rescale of uint8 NHWC images so that min(H, W) = `size` (bilinear, antialiased)."""
-    height, width = images.shape[1:3]
-    if min(height, width) == size:
-        return jnp.asarray(images)
-    if height <= width:
-        target = (size, max(size, round(width * size / height)))
-    else:
-        target = (max(size, round(height * size / width)), size)
-    return _resize(jnp.asarray(images), target)
-
-
-def center_crop(images: np.ndarray | jax.Array, size: int) -> jax.Array:
-    height, width = images.shape[1:3]
-    top, left = (height - size) // 2, (width - size) // 2
-    return jnp.asarray(images)[:, top : top + size, left : left + size, :]
 
 
 class Classifier:
@@ -172,21 +143,18 @@ class Classifier:
     @property
     def _dense_posterior_fn(self) -> Any:
         def posterior(variables: Any, images: jax.Array) -> jax.Array:
-            both = jnp.concatenate([images, _flip(images)])
-            scores = self.model.apply(variables, self._inputs(both), dense=True)  # (2N, h, w, classes)
-            probabilities = jax.nn.softmax(scores.astype(jnp.float32).mean(axis=(1, 2)), axis=-1)
-            return 0.5 * (probabilities[: len(images)] + probabilities[len(images) :])
+            scores = self.model.apply(variables, self._inputs(protocols.with_flips(images)), dense=True)
+            return protocols.dense_flip_posterior(scores)
 
         return self._jitted(("dense_posterior",), lambda: posterior)
 
     def _dense_descriptor_fn(self, layers: tuple[str, ...], normalize: bool) -> Any:
         def descriptor(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-            both = jnp.concatenate([images, _flip(images)])
-            maps = self.model.apply(variables, self._inputs(both), dense=True, outputs=layers)
+            inputs = self._inputs(protocols.with_flips(images))
+            maps = self.model.apply(variables, inputs, dense=True, outputs=layers)
             result = {}
             for layer, value in maps.items():
-                pooled = value.astype(jnp.float32).mean(axis=(1, 2))
-                pooled = 0.5 * (pooled[: len(images)] + pooled[len(images) :])
+                pooled = protocols.average_flips(protocols.spatial_average(value))
                 result[layer] = _l2_normalize(pooled) if normalize else pooled
             return result
 
@@ -220,11 +188,7 @@ class Classifier:
         elif isinstance(scales, int | np.integer):
             scales = (int(scales),)
         scales = tuple(int(q) for q in scales)
-        too_small = [q for q in scales if q < self.crop_size]
-        if not scales or too_small:
-            raise ValueError(
-                f"dense evaluation needs test scales Q >= crop_size={self.crop_size}, got {scales or 'none'}"
-            )
+        protocols.check_scales(scales, self.crop_size)
         return scales
 
     def _map(self, fn: Any, images: Any) -> Any:
@@ -250,8 +214,7 @@ class Classifier:
         """Rescales uint8 images so the smaller side is `scale` (default ``config.eval_scale``), centre-crops."""
         images = self._check_images(images, crop=False)
         scale = int(scale or self.config.eval_scale)
-        if scale < self.crop_size:
-            raise ValueError(f"scale {scale} is smaller than the crop size {self.crop_size}")
+        protocols.check_scales([scale], self.crop_size)
         return np.asarray(center_crop(resize_smaller_side(images, scale), self.crop_size))
 
     def logits(self, images: Any) -> np.ndarray:

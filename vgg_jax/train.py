@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from vgg_jax import checkpoints, models, optim, parallel, paths, preprocess, progress
 from vgg_jax import evaluate as evaluation
 from vgg_jax.data import sources, streams
+from vgg_jax.protocols import topk_correct
 
 
 @flax.struct.dataclass
@@ -51,19 +52,6 @@ class NonFiniteLossError(FloatingPointError):
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example multinomial logistic loss (paper §3.1), computed in float32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is within the top k, with `evaluate.topk_errors`' pessimistic tie rule.
-
-    Fewer than k *other* classes may score >= the true class; a non-finite row is wrong. The
-    periodic validation and `python -m vgg_jax.evaluate` therefore count the same examples.
-    """
-    logits = logits.astype(jnp.float32)
-    true_scores = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    others_at_least = jnp.sum(logits >= true_scores, axis=-1) - 1
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    return ((others_at_least < k) & finite).astype(jnp.float32)
 
 
 def make_train_step(

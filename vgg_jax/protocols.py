@@ -1,0 +1,291 @@
+"""Paper §3.2 testing and §4 (Tables 3–6) as pure arithmetic: views, canvases, posteriors, top-k, test scales.
+
+Pure NumPy / jnp: no TensorFlow, no I/O. The batched runner (`vgg_jax.runner`),
+the report and command line (`vgg_jax.evaluate`), the training loop's top-k and
+the notebook API (`vgg_jax.inference`) all take their protocol from here, so
+each rule has one definition:
+
+* **Test scale** Q: the smaller image side after an isotropic rescale
+  (`rescaled_size`, `resize_smaller_side`); Q = S or (Smin+Smax)/2, or three
+  scales around it (`paper_scales`); Q must be at least the crop (`check_scales`).
+* **Multi-crop**: a 5×5 grid of crops, corners included, × 2 flips = 50 views
+  per scale (`multicrop_views`); 150 over three scales (`multiscale_views`).
+* **Dense**: the fully-convolutional net's class score map of the image and of
+  its horizontal flip, each averaged spatially, soft-maxed, the two posteriors
+  averaged (`dense_flip_posterior`). For bounded compilation the rescaled
+  image is placed top-left on one of a few canvases (`dense_canvases`,
+  `choose_canvas`, `place_on_canvas`); only the cells the unpadded image would
+  produce are averaged (`dense_map_size`, `top_left_mask`).
+* **Averaging**: flips, crops, scales and nets (fusion, Table 6) are averaged as
+  soft-max posteriors, never as logits (`average_posteriors`, `fuse_posteriors`).
+* **Top-k error** with a pessimistic tie rule (`topk_correct`, `topk_errors`),
+  shared by the periodic validation of training and the paper's tables.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+GRID = 5  # paper §3.2: 5×5 crops per scale (× 2 flips = 50)
+
+# ----------------------------------------------------------------------------- test scales
+
+
+def paper_scales(config: ml_collections.ConfigDict, multi: bool = False) -> list[int]:
+    """Paper §4: Q = S (fixed S) or (Smin+Smax)/2 (jittered); multi: {S−32, S, S+32} or {Smin, mid, Smax}."""
+    low, high = int(config.scale_min), int(config.scale_max)
+    if low == high:
+        return [low - 32, low, low + 32] if multi else [low]
+    middle = (low + high) // 2
+    return [low, middle, high] if multi else [middle]
+
+
+def resolve_scales(spec: str | Sequence[int] | None, config: ml_collections.ConfigDict) -> list[int]:
+    """'single' (default) / 'multi' → the paper's scales for this run; '256,384' or a list → those (checked)."""
+    if spec is None or spec == "single":
+        scales = paper_scales(config)
+    elif spec == "multi":
+        scales = paper_scales(config, multi=True)
+    elif isinstance(spec, str):
+        try:
+            scales = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--scales must be 'single', 'multi' or integers like 256,384,512; got {spec!r}") from None
+    else:
+        scales = [int(q) for q in spec]
+    check_scales(scales, int(config.crop_size))
+    return scales
+
+
+def check_scales(scales: Sequence[int], crop_size: int) -> None:
+    """Paper §3.2: every test scale Q (the rescaled smaller side) must hold the crop; at least one Q."""
+    if not scales:
+        raise ValueError("at least one test scale Q is needed")
+    small = [q for q in scales if q < crop_size]
+    if small:
+        raise ValueError(
+            f"test scale(s) Q={small} are smaller than crop_size={crop_size}: testing needs Q >= crop_size={crop_size}"
+        )
+
+
+def rescaled_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Paper §3.2 isotropic rescale: (H', W') with min(H', W') = `size`, the other side rounded."""
+    if height <= width:
+        return size, max(size, round(width * size / height))
+    return max(size, round(height * size / width)), size
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    resized = jax.image.resize(
+        images.astype(jnp.float32), (images.shape[0], *size, images.shape[3]), "linear", antialias=True
+    )
+    return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+
+
+def resize_smaller_side(images: np.ndarray | jax.Array, size: int) -> jax.Array:
+    """Isotropic rescale of uint8 NHWC images so that min(H, W) = `size` (bilinear, antialiased), on device."""
+    height, width = images.shape[1:3]
+    if min(height, width) == size:
+        return jnp.asarray(images)
+    return _resize(jnp.asarray(images), rescaled_size(height, width, size))
+
+
+# ----------------------------------------------------------------------------- crops and multi-crop views
+
+
+def center_crop(images: Any, size: int | tuple[int, int]) -> Any:
+    """The central `size` (side, or (height, width)) window of an HWC image or NHWC batch, NumPy or JAX."""
+    crop_h, crop_w = (size, size) if isinstance(size, int | np.integer) else size
+    height, width = images.shape[-3:-1]
+    if height < crop_h or width < crop_w:
+        raise ValueError(f"a {height}x{width} image is smaller than the crop size {size}")
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return images[..., top : top + crop_h, left : left + crop_w, :]
+
+
+def multicrop_offsets(height: int, width: int, crop: int, grid: int = GRID) -> np.ndarray:
+    """(grid², 2) (top, left) of `crop`×`crop` windows on a regular grid over a height×width image.
+
+    Rows and columns are evenly spaced from 0 to height−crop (width−crop), so
+    the four corners are included; row-major order.
+    """
+    if height < crop or width < crop:
+        raise ValueError(f"a {height}x{width} image is smaller than the crop size {crop}")
+    tops = np.round(np.linspace(0, height - crop, grid)).astype(int)
+    lefts = np.round(np.linspace(0, width - crop, grid)).astype(int)
+    return np.stack(np.meshgrid(tops, lefts, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+def multicrop_views(image: np.ndarray, crop: int, grid: int = GRID, flips: bool = True) -> np.ndarray:
+    """(grid²·(1+flips), crop, crop, C): the grid crops, then the same crops flipped horizontally."""
+    crops = np.stack([image[t : t + crop, s : s + crop] for t, s in multicrop_offsets(*image.shape[:2], crop, grid)])
+    return np.concatenate([crops, crops[:, :, ::-1]]) if flips else crops
+
+
+def multiscale_views(
+    image: np.ndarray,
+    scales: Sequence[int],
+    crop: int,
+    rescale: Callable[[np.ndarray, int], np.ndarray],
+    grid: int = GRID,
+) -> np.ndarray:
+    """All multi-crop views of `image` over `scales` (150 for 3 scales), scale-major."""
+    return np.concatenate([multicrop_views(np.asarray(rescale(image, q)), crop, grid) for q in scales])
+
+
+# ----------------------------------------------------------------------------- dense canvases
+
+
+def dense_canvases(scale: int, *, max_aspect: float = 2.0, num_buckets: int = 5) -> list[tuple[int, int]]:
+    """The fixed (H, W) shapes that rescaled images are padded to for dense evaluation at `scale`."""
+    if max_aspect < 1 or num_buckets < 1:
+        raise ValueError(f"need max_aspect >= 1 and num_buckets >= 1, got {max_aspect}, {num_buckets}")
+    longs = sorted({max(scale, round(scale * r)) for r in np.linspace(1.0, max_aspect, num_buckets)})
+    return [(scale, long) for long in longs] + [(long, scale) for long in longs if long != scale]
+
+
+def choose_canvas(height: int, width: int, canvases: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The smallest canvas holding a height×width image; else the largest of its orientation (it gets cropped)."""
+    fitting = [c for c in canvases if c[0] >= height and c[1] >= width]
+    if fitting:
+        return min(fitting, key=lambda c: (c[0] * c[1], c))
+    same_orientation = [c for c in canvases if (c[1] >= c[0]) == (width >= height)] or list(canvases)
+    return max(same_orientation, key=lambda c: (c[0] * c[1], c))
+
+
+def place_on_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """`image` centre-cropped to fit `canvas`, placed top-left on a zero canvas; returns (canvas, (h, w) used)."""
+    fitted = center_crop(image, (min(image.shape[0], canvas[0]), min(image.shape[1], canvas[1])))
+    height, width = fitted.shape[:2]
+    out = np.zeros((*canvas, image.shape[2]), image.dtype)
+    out[:height, :width] = fitted
+    return out, (height, width)
+
+
+def dense_map_size(height: Any, width: Any, crop: int) -> tuple[Any, Any]:
+    """Score-map size of the fully-convolutional net on a height×width image (5 pools, then a k×k fc6).
+
+    Integers or arrays of them (a batch of image sizes).
+    """
+    window = crop // 32
+    return height // 32 - window + 1, width // 32 - window + 1
+
+
+def top_left_mask(heights: jax.Array, widths: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """(N, *shape) bool: True inside each image's heights[n]×widths[n] top-left region (pixels or map cells)."""
+    rows, cols = jnp.arange(shape[0])[None, :, None], jnp.arange(shape[1])[None, None, :]
+    return (rows < jnp.asarray(heights)[:, None, None]) & (cols < jnp.asarray(widths)[:, None, None])
+
+
+# ----------------------------------------------------------------------------- dense posteriors (jnp)
+
+
+def with_flips(images: jax.Array, widths: jax.Array | None = None) -> jax.Array:
+    """(2N, H, W, C): the N images, then each mirrored horizontally.
+
+    With `widths` (N,) each image is mirrored inside its own top-left width, so a
+    padded canvas keeps its image top-left aligned and its padding in place.
+    """
+    if widths is None:
+        return jnp.concatenate([images, images[:, :, ::-1]])
+    columns = jnp.arange(images.shape[2])[None, :]
+    widths = jnp.asarray(widths)[:, None]
+    mirror = jnp.where(columns < widths, widths - 1 - columns, columns)
+    flipped = jax.vmap(lambda image, index: image[:, index])(images, mirror)
+    return jnp.concatenate([images, flipped])
+
+
+def spatial_average(maps: jax.Array, cells: jax.Array | None = None) -> jax.Array:
+    """(N, h, w, C) maps → (N, C) in float32: the mean over positions, or over the True `cells` (N, h, w)."""
+    maps = maps.astype(jnp.float32)
+    if cells is None:
+        return maps.mean(axis=(1, 2))
+    weights = cells.astype(jnp.float32)[..., None]
+    return (maps * weights).sum((1, 2)) / weights.sum((1, 2))
+
+
+def average_flips(values: jax.Array) -> jax.Array:
+    """(2N, ...) values of N images then of their flips → (N, ...) their mean."""
+    count = values.shape[0] // 2
+    return 0.5 * (values[:count] + values[count:])
+
+
+def dense_flip_posterior(score_maps: jax.Array, cells: jax.Array | None = None) -> jax.Array:
+    """Paper §3.2 dense evaluation: (2N, h, w, classes) score maps of N images then their flips → (N, classes).
+
+    Each map is averaged spatially (over the True `cells` (N, h, w) of the image,
+    the same for its flip, where given) into class scores, soft-maxed, and the
+    posteriors of the image and its flip averaged.
+    """
+    if cells is not None:
+        cells = jnp.concatenate([cells, cells])
+    return average_flips(jax.nn.softmax(spatial_average(score_maps, cells), axis=-1))
+
+
+# ----------------------------------------------------------------------------- posteriors and fusion
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Soft-max in float64 NumPy."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def average_posteriors(logits: Any, axis: int = 0) -> Any:
+    """Mean over `axis` of the soft-max posteriors (never of the logits) — flips, crops, scales, nets."""
+    if isinstance(logits, jax.Array):
+        return jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=axis)
+    return softmax(logits).mean(axis=axis)
+
+
+def fuse_posteriors(posteriors: Sequence[np.ndarray]) -> np.ndarray:
+    """Fusion (paper Table 6): the mean of several nets' (N, C) posteriors over the same examples."""
+    shapes = {np.shape(p) for p in posteriors}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot fuse posteriors of different shapes {sorted(shapes)}")
+    return np.mean(np.stack(posteriors), axis=0)
+
+
+# ----------------------------------------------------------------------------- top-k error
+
+
+def topk_correct(logits: Any, labels: Any, k: int) -> Any:
+    """1.0 where the label is within the top k of (N, C) `logits`, else 0.0 (paper §4 top-k error).
+
+    Tie rule (pessimistic): the true class counts as within the top k only if
+    fewer than k *other* classes score greater than *or equal to* it. A tie at
+    the k-th place is therefore an error, and a net with constant scores gets
+    100% error, never 0%. Rows with a non-finite score are wrong.
+
+    jnp inside jitted steps (training, periodic validation); NumPy arrays stay
+    NumPy, in their own precision (float64 posteriors are not rounded to float32).
+    Comparisons between values of one dtype are exact, so no cast is needed.
+    """
+    xp = jnp if isinstance(logits, jax.Array) else np
+    true_scores = xp.take_along_axis(logits, labels[:, None], axis=-1)
+    others_at_least = xp.sum(logits >= true_scores, axis=-1) - 1
+    finite = xp.all(xp.isfinite(logits), axis=-1)
+    return ((others_at_least < k) & finite).astype(xp.float32)
+
+
+def topk_errors(
+    scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k error rates (fractions) of (N, C) `scores` over the rows where `mask` is true (`topk_correct`'s ties)."""
+    scores, labels = np.asarray(scores), np.asarray(labels).astype(np.int64)
+    mask = np.ones(len(labels), bool) if mask is None else np.asarray(mask, bool)
+    count = int(mask.sum())
+    result = {}
+    for k in ks:
+        wrong = topk_correct(scores, labels, k) == 0
+        result[f"top{k}_error"] = float((wrong & mask).sum() / count) if count else float("nan")
+    return result
