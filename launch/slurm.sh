@@ -5,10 +5,12 @@
 #       --config=configs/d.py --workdir=/shared/runs/d256
 #
 # jax.distributed.initialize() reads SLURM's environment (SLURM_JOB_ID,
-# SLURM_PROCID, SLURM_NTASKS, the node list) to find the coordinator, the
-# process count and this task's id; vgg_jax.main calls it when SLURM_JOB_ID is
-# set. With one task per host (--ntasks-per-node=1) each process drives all
-# GPUs of its host. The workdir must be on a file system every node sees; a
+# SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID) to find the
+# coordinator, the process count and this task's id; vgg_jax.main calls it in
+# a task of an srun step of several tasks. A lone task (plain `python` in an
+# salloc shell or a batch script, or `srun --ntasks=1`) trains single-process.
+# With one task per host (--ntasks-per-node=1) each process drives all GPUs of
+# its host. The workdir must be on a file system every node sees; a
 # rerun of the same sbatch line resumes from its latest checkpoint.
 #SBATCH --job-name=vgg_jax
 #SBATCH --ntasks-per-node=8

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -22,12 +23,21 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # Environment that means "this process is one of several": set by our launch
-# scripts (JAX_COORDINATOR_ADDRESS), SLURM, or Cloud TPU pods.
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# scripts (JAX_COORDINATOR_ADDRESS) or Cloud TPU pods. SLURM is judged apart
+# (`_slurm_processes`): SLURM_JOB_ID alone is also set for a lone `python` in
+# an `salloc` shell or a batch script, where there are no peers to wait for.
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# What JAX's SlurmCluster.is_env_present needs (jax/_src/clusters/slurm_cluster.py): only `srun`
+# sets the step's node list and the task's rank, so these mark a task of a job step.
+_SLURM_STEP_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 def initialize(distributed: ml_collections.ConfigDict | None) -> None:
     """Starts `jax.distributed` when asked ('yes') or when the environment says so ('auto').
+
+    'auto' starts it for a coordinator address (config.distributed or
+    JAX_COORDINATOR_ADDRESS), a Cloud TPU pod, or a task of a SLURM `srun`
+    step of several tasks; any other SLURM process runs single-process.
 
     The coordinator address, process count and id come from the config when
     set, else from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
@@ -41,9 +51,11 @@ def initialize(distributed: ml_collections.ConfigDict | None) -> None:
         raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
     if mode == "no" or _already_initialized():
         return
-    if mode == "auto" and not any(os.environ.get(name) for name in _MULTIPROCESS_ENV):
-        return
     address = settings.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if mode == "auto" and not (
+        address or any(os.environ.get(name) for name in _MULTIPROCESS_ENV) or _slurm_processes(os.environ) > 1
+    ):
+        return
     num_processes = _int_or_none(settings.get("num_processes"), "JAX_NUM_PROCESSES")
     process_id = _int_or_none(settings.get("process_id"), "JAX_PROCESS_ID")
     logging.info("jax.distributed.initialize(%s, num_processes=%s, process_id=%s)", address, num_processes, process_id)
@@ -54,6 +66,39 @@ def initialize(distributed: ml_collections.ConfigDict | None) -> None:
         heartbeat_timeout_seconds=int(settings.get("heartbeat_timeout_seconds", 60)),
         initialization_timeout=int(settings.get("initialization_timeout_seconds", 300)),
     )
+
+
+def _slurm_processes(environ: Mapping[str, str]) -> int:
+    """How many processes a SLURM job step runs (0 outside SLURM); logs why a SLURM job runs alone.
+
+    Multi-process only inside an `srun` step of several tasks, with every variable JAX's
+    SLURM detection reads. A lone task — `python` in an `salloc` shell or an sbatch script,
+    or `srun --ntasks=1` — runs single-process: jax.distributed would otherwise fail (no step
+    node list) or wait for peers that never start.
+    """
+    if not environ.get("SLURM_JOB_ID"):
+        return 0
+    job = environ["SLURM_JOB_ID"]
+    missing = [name for name in _SLURM_STEP_ENV if not environ.get(name)]
+    if missing:
+        tasks = environ.get("SLURM_NTASKS", "")
+        if tasks.isdigit() and int(tasks) > 1:
+            logging.warning(
+                "SLURM job %s has %s tasks but this process is not a task of an srun step (%s unset): running "
+                "single-process. Start every task with `srun` (launch/slurm.sh) to train on all of them.",
+                job,
+                tasks,
+                ", ".join(missing),
+            )
+        else:
+            logging.info("SLURM job %s outside an srun step: running single-process", job)
+        return 1
+    tasks = environ["SLURM_NTASKS"]
+    if not tasks.isdigit():
+        raise ValueError(f"SLURM_NTASKS={tasks!r} is not a task count")
+    if int(tasks) == 1:
+        logging.info("SLURM job %s, step of one task: running single-process", job)
+    return int(tasks)
 
 
 def barrier(name: str, timeout_seconds: int = 600) -> None:

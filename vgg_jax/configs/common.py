@@ -94,8 +94,10 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     config.step_boundaries_epochs = (30.0, 50.0, 65.0)  # for lr_schedule='step'
 
     # Paper §3.1: initialisation of deeper nets / finer scales from an earlier run.
+    # Not type-safe: `layers` is a tuple of names or the string 'all' (set below for S=384 / jittered S).
     config.warm_start = ml_collections.ConfigDict(
-        dict(checkpoint="", step="best", layers=NET_A_SHARED_LAYERS if variant not in ("A", "A-LRN") else ())
+        dict(checkpoint="", step="best", layers=NET_A_SHARED_LAYERS if variant not in ("A", "A-LRN") else ()),
+        type_safe=False,
     )
 
     # Loop, logging, checkpoints.
