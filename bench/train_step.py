@@ -6,7 +6,7 @@
 
 What it measures, in one process (plus one PyTorch worker process with ``--torch``):
 
-* the step: `train.make_train_step` jitted exactly as training does (donated
+* the step: `steps.make_train_step` jitted exactly as training does (donated
   state, uint8 batch, colour shift, dropout, SGD momentum + L2), on a fixed
   synthetic batch; compile time; then ``--repeats`` timed rounds of
   ``--steps`` steps after ``--warmup`` untimed ones; the median round.
@@ -112,18 +112,18 @@ def build(args: argparse.Namespace):
     import jax
     import numpy as np
 
-    from vgg_jax import models, optim, train
+    from vgg_jax import models, optim, steps
 
     config = make_config(args)
     model = models.from_config(config)
     tx = optim.create_optimizer(config, steps_per_epoch=1000)
-    state = train.create_train_state(config, model, tx, optim.PlateauControl(config))
+    state = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8),
         "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32),
     }
-    step = jax.jit(train.make_train_step(config, model, tx), donate_argnums=(0,))
+    step = jax.jit(steps.make_train_step(config, model, tx), donate_argnums=(0,))
     return step, state, batch, jax.random.key(0)
 
 
@@ -138,7 +138,7 @@ def flop_check(args: argparse.Namespace, compile_step: bool = True) -> dict[str,
     """XLA's FLOPs of the step (optimised HLO when `compile_step`, else the lowered HLO) vs the analytic count."""
     import jax
 
-    from vgg_jax import models, optim, train
+    from vgg_jax import models, optim, steps
 
     config = make_config(args)
     model = models.from_config(config)
@@ -148,7 +148,7 @@ def flop_check(args: argparse.Namespace, compile_step: bool = True) -> dict[str,
     params = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, size, size, 3), jax.numpy.float32))["params"]
     )
-    state = train.TrainState(
+    state = steps.TrainState(
         step=jax.ShapeDtypeStruct((), jax.numpy.int32),
         params=params,
         opt_state=jax.eval_shape(tx.init, params),
@@ -160,7 +160,7 @@ def flop_check(args: argparse.Namespace, compile_step: bool = True) -> dict[str,
     }
     key = jax.eval_shape(lambda: jax.random.key(0))
     start = time.perf_counter()
-    lowered = jax.jit(train.make_train_step(config, model, tx), donate_argnums=(0,)).lower(state, batch, key)
+    lowered = jax.jit(steps.make_train_step(config, model, tx), donate_argnums=(0,)).lower(state, batch, key)
     result: dict[str, Any] = {"lower_s": time.perf_counter() - start}
     if compile_step:
         start = time.perf_counter()

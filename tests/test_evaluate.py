@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoints, evaluate, models
+from vgg_jax import checkpoints, evaluate, models, protocols, runner
 from vgg_jax.configs import common
 from vgg_jax.protocols import multicrop_offsets, multicrop_views, topk_errors
 
@@ -74,7 +74,7 @@ def _examples(images_by_scale, labels=None):
 def _run(net, examples, methods, scales, **kwargs):
     _, model, params, _, _ = net
     kwargs.setdefault("batch_size", 100)
-    return evaluate.run_evaluation(model, params, examples, methods=methods, scales=scales, mean_rgb=MEAN, **kwargs)
+    return runner.run_evaluation(model, params, examples, methods=methods, scales=scales, mean_rgb=MEAN, **kwargs)
 
 
 def _softmax(x):
@@ -120,7 +120,7 @@ def test_150_views_over_3_scales():
         size = (q, round(w * q / h)) if h <= w else (round(h * q / w), q)
         return img[np.arange(size[0]) * h // size[0]][:, np.arange(size[1]) * w // size[1]]
 
-    views = evaluate.multiscale_views(image, [32, 40, 48], 32, rescale)
+    views = protocols.multiscale_views(image, [32, 40, 48], 32, rescale)
     assert views.shape == (150, 32, 32, 3)
     for j, q in enumerate([32, 40, 48]):
         scaled = rescale(image, q)
@@ -220,23 +220,23 @@ def test_scale_averaging_both_and_fusion_are_posterior_means(net):
     assert both["top1_error"] == pytest.approx(expected_metrics["top1_error"])
     # Fusion: the mean of the nets' posteriors.
     a, b = both["by_method"]["dense"]["posteriors"], per_scale[("dense", 32)]
-    np.testing.assert_allclose(evaluate.fuse_posteriors([a, b]), (a + b) / 2)
+    np.testing.assert_allclose(protocols.fuse_posteriors([a, b]), (a + b) / 2)
     with pytest.raises(ValueError, match="different shapes"):
-        evaluate.fuse_posteriors([a, a[:, :5]])
+        protocols.fuse_posteriors([a, a[:, :5]])
 
 
 # ----------------------------------------------------------------------------- bucketing
 
 
 def test_dense_canvases_and_choice():
-    canvases = evaluate.dense_canvases(64, max_aspect=2.0, num_buckets=5)
+    canvases = protocols.dense_canvases(64, max_aspect=2.0, num_buckets=5)
     assert canvases == [(64, 64), (64, 80), (64, 96), (64, 112), (64, 128), (80, 64), (96, 64), (112, 64), (128, 64)]
-    assert evaluate.choose_canvas(64, 90, canvases) == (64, 96)
-    assert evaluate.choose_canvas(100, 64, canvases) == (112, 64)
-    assert evaluate.choose_canvas(64, 300, canvases) == (64, 128)  # too elongated: centre-cropped
-    placed, size = evaluate.place_on_canvas(np.ones((64, 300, 3), np.uint8), (64, 128))
+    assert protocols.choose_canvas(64, 90, canvases) == (64, 96)
+    assert protocols.choose_canvas(100, 64, canvases) == (112, 64)
+    assert protocols.choose_canvas(64, 300, canvases) == (64, 128)  # too elongated: centre-cropped
+    placed, size = protocols.place_on_canvas(np.ones((64, 300, 3), np.uint8), (64, 128))
     assert size == (64, 128) and placed.shape == (64, 128, 3)
-    assert evaluate.dense_map_size(64, 90, 32) == (2, 2)
+    assert protocols.dense_map_size(64, 90, 32) == (2, 2)
 
 
 def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
@@ -258,10 +258,10 @@ def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
 def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):
     _, model, params, _, apply_dense = net
     image = _images(7, [(64, 90)])[0]
-    placed, size = evaluate.place_on_canvas(image, (64, 96))
+    placed, size = protocols.place_on_canvas(image, (64, 96))
     garbage = placed.copy()
     garbage[:, 90:] = 255
-    function = evaluate._compiled("dense", model, MEAN, evaluate.default_mesh())
+    function = runner._compiled("dense", model, MEAN, runner.default_mesh())
     meta = np.zeros((2, 3), np.int32)
     posteriors, _ = function(params, np.stack([placed, garbage]), np.array([size, size], np.int32), meta)
     posteriors = np.asarray(posteriors)
@@ -269,7 +269,7 @@ def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):
     # The exact map of the 64×90 image has 2×2 cells, the canvas map 2×3: the extra column is masked, so
     # the result is close to (not equal to: border context differs) the exact one.
     x = image[None].astype(np.float32) - np.array(MEAN, np.float32)
-    assert np.asarray(apply_dense(x)).shape[1:3] == evaluate.dense_map_size(64, 90, CROP)
+    assert np.asarray(apply_dense(x)).shape[1:3] == protocols.dense_map_size(64, 90, CROP)
     scores = [np.asarray(apply_dense(v)).mean((1, 2))[0] for v in (x, x[:, :, ::-1])]
     exact = 0.5 * (_softmax(scores[0]) + _softmax(scores[1]))
     assert np.abs(posteriors[0] - exact).max() < 0.1
@@ -297,15 +297,15 @@ def test_paper_scales():
     fixed, jittered = tiny_config(), tiny_config()
     fixed.scale_min = fixed.scale_max = 256
     jittered.scale_min, jittered.scale_max = 256, 512
-    assert evaluate.paper_scales(fixed) == [256] and evaluate.paper_scales(fixed, multi=True) == [224, 256, 288]
-    assert evaluate.paper_scales(jittered) == [384]
-    assert evaluate.paper_scales(jittered, multi=True) == [256, 384, 512]
-    assert evaluate.resolve_scales("multi", jittered) == [256, 384, 512]
-    assert evaluate.resolve_scales("40,48", jittered) == [40, 48]
+    assert protocols.paper_scales(fixed) == [256] and protocols.paper_scales(fixed, multi=True) == [224, 256, 288]
+    assert protocols.paper_scales(jittered) == [384]
+    assert protocols.paper_scales(jittered, multi=True) == [256, 384, 512]
+    assert protocols.resolve_scales("multi", jittered) == [256, 384, 512]
+    assert protocols.resolve_scales("40,48", jittered) == [40, 48]
     with pytest.raises(ValueError, match=r"Q=\[16\].*crop_size=32"):
-        evaluate.resolve_scales("16,40", jittered)
+        protocols.resolve_scales("16,40", jittered)
     with pytest.raises(ValueError, match="integers"):
-        evaluate.resolve_scales("big", jittered)
+        protocols.resolve_scales("big", jittered)
 
 
 @pytest.fixture(scope="module")
@@ -417,7 +417,7 @@ def two_device_case():
     model = models.from_config(tiny_config())
     params = random_params(model, 0)
     examples = _examples({40: _images(9, [(40, 40), (40, 52), (52, 40), (40, 40), (40, 60)])})
-    result = evaluate.run_evaluation(
+    result = runner.run_evaluation(
         model, params, examples, methods=["dense", "multicrop"], scales=[40], mean_rgb=MEAN, batch_size=4
     )
     return result["posteriors"]

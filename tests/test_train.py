@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vgg_jax import checkpoints, models, optim, train
+from vgg_jax import checkpoints, models, optim, steps, train
 from vgg_jax.configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_warm_start_from_net_a_copies_exactly_the_named_layers(tmp_path):
     config.warm_start.layers = common.NET_A_SHARED_LAYERS
     model = models.from_config(config)
     tx = optim.create_optimizer(config, 10)
-    fresh = train.create_train_state(config, model, tx, optim.PlateauControl(config))
+    fresh = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     warmed = train._apply_warm_start(config, fresh, tx)
     for name in models.layer_names("D"):
         copied = name in common.NET_A_SHARED_LAYERS

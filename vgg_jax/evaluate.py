@@ -45,54 +45,9 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoints, models, parallel
-from vgg_jax.protocols import (
-    GRID,
-    average_posteriors,
-    center_crop,
-    check_scales,
-    choose_canvas,
-    dense_canvases,
-    dense_map_size,
-    fuse_posteriors,
-    multicrop_offsets,
-    multicrop_views,
-    multiscale_views,
-    paper_scales,
-    place_on_canvas,
-    resolve_scales,
-    softmax,
-    topk_errors,
-)
-from vgg_jax.runner import _compiled, default_mesh, run_evaluation  # noqa: F401 (tests call evaluate._compiled)
-
-__all__ = [
-    "GRID",
-    "METHODS",
-    "METHOD_LABELS",
-    "average_posteriors",
-    "center_crop",
-    "check_scales",
-    "choose_canvas",
-    "default_mesh",
-    "dense_canvases",
-    "dense_map_size",
-    "evaluate_checkpoints",
-    "evaluate_params",
-    "format_table",
-    "fuse_posteriors",
-    "multicrop_offsets",
-    "multicrop_views",
-    "multiscale_views",
-    "paper_scales",
-    "place_on_canvas",
-    "resolve_scales",
-    "run",
-    "run_evaluation",
-    "softmax",
-    "summarize",
-    "topk_errors",
-]
+from vgg_jax import checkpoints, console, models, parallel, paths
+from vgg_jax.protocols import check_scales, fuse_posteriors, resolve_scales, topk_errors
+from vgg_jax.runner import run_evaluation
 
 METHODS = ("dense", "multicrop", "both", "center_crop")
 METHOD_LABELS = {
@@ -347,6 +302,8 @@ def evaluate_checkpoints(
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    directories = [paths.resolve(directory) for directory in directories]
+    out = paths.resolve(out) if out else None
     runs = _load_runs(directories, scales, step, overrides or {})
     split = split or runs[0].config.eval_split
     rows, results = [], []
@@ -390,14 +347,18 @@ def _main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
     overrides = {}
+    if not console.verbose_requested(values["verbosity"].present > 0):
+        console.quiet()
+    console.import_tensorflow_quietly()
     if values.data_dir:
-        overrides["data_dir"] = values.data_dir
+        overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:
         overrides["eval_batch_size"] = values.eval_batch_size
     step: int | str = int(values.step) if values.step.isdigit() else values.step
     try:
-        first = checkpoints.load_config(values.checkpoint[0]) if values.checkpoint else None
-        parallel.initialize(first.get("distributed") if first is not None else None)
+        # The environment alone says whether this is one of several processes: the trained run's
+        # `distributed` settings (a coordinator address of another job) would be stale here.
+        parallel.initialize(None)
         evaluate_checkpoints(
             values.checkpoint,
             method=values.method,

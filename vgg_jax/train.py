@@ -16,29 +16,18 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, models, optim, parallel, paths, preprocess, progress
+from vgg_jax import checkpoints, models, optim, parallel, paths, progress, steps
 from vgg_jax import evaluate as evaluation
+from vgg_jax.configs import validation
 from vgg_jax.data import sources, streams
-from vgg_jax.protocols import topk_correct
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    plateau: Any  # optax.contrib reduce_on_plateau state (scale, best value, counts)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,89 +35,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ---------------------------------------------------------------------------
-# The jitted steps.
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example multinomial logistic loss (paper §3.1), computed in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
-def make_train_step(
-    config: ml_collections.ConfigDict, model: models.VGG, tx: optax.GradientTransformation
-) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update."""
-    mean_rgb = tuple(config.mean_rgb)
-    color_shift_std = float(config.color_shift_std)
-
-    def forward(params: Any, images: jax.Array, dropout_key: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
-
-    def train_step(
-        state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        color_key, dropout_key = jax.random.split(jax.random.fold_in(root_key, state.step))
-        images = preprocess.preprocess_for_model(
-            batch["image"], mean_rgb=mean_rgb, key=color_key, color_shift_std=color_shift_std, dtype=model.dtype
-        )
-        labels = batch["label"]
-
-        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-            logits = forward(params, images, dropout_key)
-            return jnp.mean(cross_entropy(logits, labels)), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "top1_error": 1.0 - jnp.mean(topk_correct(logits, labels, 1)),
-            "top5_error": 1.0 - jnp.mean(topk_correct(logits, labels, 5)),
-            "learning_rate": optim.current_learning_rate(state.opt_state),
-            # An overflow can leave the loss finite one step before it isn't: check the update too.
-            "params_finite": jnp.all(
-                jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params)])
-            ).astype(jnp.float32),
-        }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
-
-
-def make_eval_step(config: ml_collections.ConfigDict, model: models.VGG) -> Callable[..., dict[str, jax.Array]]:
-    """Sums (not means) of loss and top-1/top-5 hits over the unmasked examples of a batch."""
-    mean_rgb = tuple(config.mean_rgb)
-
-    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        images = preprocess.preprocess_for_model(batch["image"], mean_rgb=mean_rgb, dtype=model.dtype)
-        logits = model.apply({"params": params}, images)
-        mask = batch["mask"].astype(jnp.float32)
-        return {
-            "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-            "top1_correct": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
-            "top5_correct": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
-            "count": jnp.sum(mask),
-        }
-
-    return eval_step
-
-
-# ---------------------------------------------------------------------------
 # Set-up.
 
 
 def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Clear errors before any expensive work."""
-    if config.model.variant not in models.VARIANTS:
-        raise ValueError(f"config.model.variant={config.model.variant!r}; expected one of {models.VARIANTS}")
-    if config.crop_size % 32:
-        raise ValueError(f"config.crop_size={config.crop_size} must be a multiple of 32 (five 2x2 pools)")
-    streams.check_train_config(config)  # S range, crop inside S, corrupt-record mode
-    streams.check_eval_scale(config, config.eval_scale)
-    if config.compute_dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; expected 'float32' or 'bfloat16'")
-    if config.eval_method not in ("center_crop", "dense"):
-        raise ValueError(f"config.eval_method={config.eval_method!r}; expected 'center_crop' or 'dense'")
+    """Every field (`vgg_jax.configs.validation`) and a writable workdir, before any expensive work."""
+    validation.validate(config)
     if jax.process_index() == 0:
         try:
             path = epath.Path(workdir)
@@ -163,23 +75,10 @@ def _eval_every(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     return int(config.eval_every_steps) if config.eval_every_steps > 0 else steps_per_epoch
 
 
-def create_train_state(
-    config: ml_collections.ConfigDict, model: models.VGG, tx: optax.GradientTransformation, plateau: Any
-) -> TrainState:
-    """Seeded random init (paper §3.1: N(0, 0.01²) or Glorot, zero biases) on the host."""
-    size = config.crop_size
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, size, size, 3), jnp.float32))
-    params = jax.tree_util.tree_map(np.asarray, variables["params"])
-    return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params), plateau=plateau.init())
-
-
-def _apply_warm_start(config: ml_collections.ConfigDict, state: TrainState, tx: Any) -> TrainState:
+def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState, tx: Any) -> steps.TrainState:
     """Paper §3.1: deeper nets (and finer scales) start from named layers of an earlier run."""
     source = config.warm_start.checkpoint
-    layers = config.warm_start.layers
-    if isinstance(layers, str) and layers != "all":
-        layers = tuple(name.strip() for name in layers.split(",") if name.strip())
+    layers = validation.warm_start_layers(config.warm_start.layers)
     if not source:
         if layers:
             logging.warning(
@@ -338,8 +237,12 @@ def run_validation(
 
 
 def _adjust_learning_rate(
-    config: ml_collections.ConfigDict, plateau: optim.PlateauControl, state: TrainState, top1_error: float, mesh: Any
-) -> TrainState:
+    config: ml_collections.ConfigDict,
+    plateau: optim.PlateauControl,
+    state: steps.TrainState,
+    top1_error: float,
+    mesh: Any,
+) -> steps.TrainState:
     """Paper §3.1: under 'plateau', the validation error decides the next rate (÷10 when it stalls)."""
     if config.lr_schedule != "plateau":
         return state
@@ -376,7 +279,7 @@ def _should_stop(
 # The loop.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     """Trains `config` in `workdir`, evaluating, checkpointing and resuming; returns the final state.
 
     `workdir`, `config.data_dir` and `config.warm_start.checkpoint` may be relative or start with `~`.
@@ -399,17 +302,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     plateau = optim.PlateauControl(config)
     replicated, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
     train_step = jax.jit(
-        make_train_step(config, model, tx),
+        steps.make_train_step(config, model, tx),
         in_shardings=(replicated, data_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
+        steps.make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
     )
 
     # Restore (resume) > warm start > seeded init.
-    host_state = create_train_state(config, model, tx, plateau)
+    host_state = steps.create_train_state(config, model, tx, plateau)
     parallel.barrier("setup")
     manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
     state = checkpoints.restore_train_state(manager, host_state, replicated)
@@ -475,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def parameter_checksum(state: TrainState) -> float:
+def parameter_checksum(state: steps.TrainState) -> float:
     """Sum of |w| over this process's copy of the replicated parameters: equal on every process."""
     return float(
         sum(

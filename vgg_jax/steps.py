@@ -1,0 +1,104 @@
+"""Paper §3.1 the training step: loss, L2-coupled SGD update, on-device augmentation; and the eval step.
+
+`make_train_step` is the pure function `train.py` jits with the data sharded
+over the mesh (paper §3.3: gradients averaged across devices by the sharding);
+`bench/train_step.py` times exactly this function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vgg_jax import models, optim, preprocess
+from vgg_jax.protocols import topk_correct
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    plateau: Any  # optax.contrib reduce_on_plateau state (scale, best value, counts)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example multinomial logistic loss (paper §3.1), computed in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, model: models.VGG, tx: optax.GradientTransformation
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update."""
+    mean_rgb = tuple(config.mean_rgb)
+    color_shift_std = float(config.color_shift_std)
+
+    def forward(params: Any, images: jax.Array, dropout_key: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
+
+    def train_step(
+        state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        color_key, dropout_key = jax.random.split(jax.random.fold_in(root_key, state.step))
+        images = preprocess.preprocess_for_model(
+            batch["image"], mean_rgb=mean_rgb, key=color_key, color_shift_std=color_shift_std, dtype=model.dtype
+        )
+        labels = batch["label"]
+
+        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
+            logits = forward(params, images, dropout_key)
+            return jnp.mean(cross_entropy(logits, labels)), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "top1_error": 1.0 - jnp.mean(topk_correct(logits, labels, 1)),
+            "top5_error": 1.0 - jnp.mean(topk_correct(logits, labels, 5)),
+            "learning_rate": optim.current_learning_rate(state.opt_state),
+            # An overflow can leave the loss finite one step before it isn't: check the update too.
+            "params_finite": jnp.all(
+                jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params)])
+            ).astype(jnp.float32),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: models.VGG) -> Callable[..., dict[str, jax.Array]]:
+    """Sums (not means) of loss and top-1/top-5 hits over the unmasked examples of a batch."""
+    mean_rgb = tuple(config.mean_rgb)
+
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        images = preprocess.preprocess_for_model(batch["image"], mean_rgb=mean_rgb, dtype=model.dtype)
+        logits = model.apply({"params": params}, images)
+        mask = batch["mask"].astype(jnp.float32)
+        return {
+            "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+            "top1_correct": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+            "top5_correct": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: models.VGG, tx: optax.GradientTransformation, plateau: Any
+) -> TrainState:
+    """Seeded random init (paper §3.1: N(0, 0.01²) or Glorot, zero biases) on the host."""
+    size = config.crop_size
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, size, size, 3), jnp.float32))
+    params = jax.tree_util.tree_map(np.asarray, variables["params"])
+    return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params), plateau=plateau.init())
