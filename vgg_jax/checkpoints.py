@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vgg_jax import console
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "top1_error"
@@ -76,15 +78,17 @@ def create_manager(
         enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
     )
-    return ocp.CheckpointManager(
-        epath.Path(directory) / CHECKPOINT_DIR,
-        options=options,
-        item_handlers={
-            "params": ocp.StandardCheckpointHandler(),
-            "train_state": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-        },
-    )
+    # Orbax warns that a read-only manager is read-only: that is what loading a run asks for.
+    with console.without_messages("absl", "read_only=True", "is read only"):
+        return ocp.CheckpointManager(
+            epath.Path(directory) / CHECKPOINT_DIR,
+            options=options,
+            item_handlers={
+                "params": ocp.StandardCheckpointHandler(),
+                "train_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
 
 
 def save(

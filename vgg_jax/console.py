@@ -15,11 +15,13 @@ a notice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import sys
 import tempfile
+from collections.abc import Iterator
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 # Library warnings meant for library developers, or expected (the first preparation of the embedded set).
@@ -80,3 +82,23 @@ def import_tensorflow_quietly() -> None:
     kept = [line for line in text.splitlines() if line and not any(n in line for n in _TENSORFLOW_NOTICES)]
     if kept:
         print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+class _Without(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.texts)
+
+
+@contextlib.contextmanager
+def without_messages(logger_name: str, *texts: str) -> Iterator[None]:
+    """Drops `logger_name`'s records containing any of `texts` while the block runs (expected, harmless ones)."""
+    logger, silencer = logging.getLogger(logger_name), _Without(texts)
+    logger.addFilter(silencer)
+    try:
+        yield
+    finally:
+        logger.removeFilter(silencer)
