@@ -68,7 +68,7 @@ def test_demo_command_prints_one_screen_of_progress(readme_demo):
     # The resolved config, printed once on stdout.
     stdout = readme_demo.result.stdout
     assert stdout.count("variant: E") == 1 and stdout.count("width_multiplier:") == 1
-    assert len(lines) + len(stdout.splitlines()) <= 120
+    assert len(lines) + len(stdout.splitlines()) <= 60  # one screen
 
 
 @pytest.mark.slow

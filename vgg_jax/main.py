@@ -43,7 +43,7 @@ def _main(argv: list[str]) -> None:
     config = _CONFIG.value
     parallel.initialize(config.get("distributed"))  # before anything touches a JAX backend
     if jax.process_index() == 0:
-        print(config, flush=True)
+        print(console.format_config(config), flush=True)
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, PermissionError, train.NonFiniteLossError) as error:
