@@ -201,7 +201,8 @@ def test_scale_averaging_both_and_fusion_are_posterior_means(net):
     small, large = _images(4, [(32, 40)] * 4), _images(5, [(40, 50)] * 4)
     labels = [3, 1, 4, 1]
     examples = _examples({32: small, 40: large}, labels)
-    both = evaluate.evaluate_params(config, params, method="both", scales=[32, 40], examples=examples)
+    # flips="yes": the helper `_run` mirrors (runner default); this config trained without flips ('auto' = no).
+    both = evaluate.evaluate_params(config, params, method="both", scales=[32, 40], examples=examples, flips="yes")
     per_scale = {
         (m, q): _run(net, _examples({q: imgs}, labels), [m], [q])["posteriors"][m]
         for m in ("dense", "multicrop")
@@ -236,7 +237,9 @@ def test_dense_canvases_and_choice():
     assert protocols.choose_canvas(64, 300, canvases) == (64, 128)  # too elongated: centre-cropped
     placed, size = protocols.place_on_canvas(np.ones((64, 300, 3), np.uint8), (64, 128))
     assert size == (64, 128) and placed.shape == (64, 128, 3)
-    assert protocols.dense_map_size(64, 90, 32) == (2, 2)
+    # Ceil-mode pools in dense evaluation: the map covers all 90 columns (a floor would stop at 64).
+    assert protocols.dense_map_size(64, 90, 32) == (2, 3)
+    assert protocols.dense_map_size(64, 90, 32, ceil=False) == (2, 2)
 
 
 def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
@@ -261,18 +264,18 @@ def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):
     placed, size = protocols.place_on_canvas(image, (64, 96))
     garbage = placed.copy()
     garbage[:, 90:] = 255
-    function = runner._compiled("dense", model, MEAN, runner.default_mesh())
+    function = runner._compiled("dense", model, MEAN, runner.default_mesh(), True)
     meta = np.zeros((2, 3), np.int32)
     posteriors, _ = function(params, np.stack([placed, garbage]), np.array([size, size], np.int32), meta)
     posteriors = np.asarray(posteriors)
     np.testing.assert_allclose(posteriors[0], posteriors[1], atol=1e-6)  # padding content is invisible
-    # The exact map of the 64×90 image has 2×2 cells, the canvas map 2×3: the extra column is masked, so
-    # the result is close to (not equal to: border context differs) the exact one.
+    # The exact map of the 64×90 image has 2×3 cells (ceil-mode pools), as the canvas map: every conv is
+    # masked to the image, so the result is the exact one (it used to be only close: border context differed).
     x = image[None].astype(np.float32) - np.array(MEAN, np.float32)
     assert np.asarray(apply_dense(x)).shape[1:3] == protocols.dense_map_size(64, 90, CROP)
     scores = [np.asarray(apply_dense(v)).mean((1, 2))[0] for v in (x, x[:, :, ::-1])]
     exact = 0.5 * (_softmax(scores[0]) + _softmax(scores[1]))
-    assert np.abs(posteriors[0] - exact).max() < 0.1
+    np.testing.assert_allclose(posteriors[0], exact, atol=2e-5)
 
 
 def test_every_example_counted_once_with_uneven_batches(net):
