@@ -241,7 +241,11 @@ def _load_runs(
     for directory in directories:
         config = checkpoints.load_config(directory)  # FileNotFoundError names the missing config.json
         for field, value in overrides.items():
-            config[field] = value
+            *parents, name = field.split(".")  # 'model.dense_ceil_mode' sets a nested field
+            target = config
+            for parent in parents:
+                target = target[parent]
+            target[name] = value
         resolved = checkpoints.resolve_step(directory, step)  # FileNotFoundError: no checkpoint
         try:
             run_scales = resolve_scales(scales, config)
@@ -370,6 +374,7 @@ def _main(argv: Sequence[str]) -> None:
         overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:
         overrides["eval_batch_size"] = values.eval_batch_size
+    overrides["model.dense_ceil_mode"] = values.dense_pooling == "ceil"
     step: int | str = int(values.step) if values.step.isdigit() else values.step
     try:
         # The environment alone says whether this is one of several processes: the trained run's
@@ -400,6 +405,13 @@ def run() -> None:
     flags.DEFINE_string("split", None, "Data set split (default: the run's eval_split); TFDS slicing allowed.")
     flags.DEFINE_string(
         "step", "latest", "'latest' (the final network, as the paper), 'best' (lowest validation top-1) or a number."
+    )
+    flags.DEFINE_enum(
+        "dense_pooling",
+        "ceil",
+        ["ceil", "floor"],
+        "Dense pools round up (Caffe: the map covers the whole image) or down (drops up to 31 px right/bottom). "
+        "On the demo digits (crop 32, a 1×1 fc6 window) ceil's partial cells cost accuracy: bench/RESULTS.md.",
     )
     flags.DEFINE_enum(
         "flips", "auto", ["auto", "yes", "no"], "Test-time horizontal flips; auto: as in training (random_flip)."
