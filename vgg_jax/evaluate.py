@@ -12,6 +12,12 @@ scale Q, then classified one of these ways (``method``):
 * ``both``: the dense and multi-crop posteriors averaged (paper Table 5).
 * ``center_crop``: one centre crop, no flip (the cheap periodic validation).
 
+Test-time flips follow the training (``--flips=auto``: only if ``config.random_flip``; a
+net never shown mirrored digits is not asked about them); ``yes``/``no`` force them. The
+paper reports the final network, so ``--step=latest`` is the default (``best`` on request);
+the table and JSON name the step used. Dense pools round up (Caffe), so the score map covers
+the whole image; ``--dense_pooling=floor`` rounds down.
+
 Over several scales the per-scale posteriors are averaged; over several nets
 (fusion, Table 6) the per-net posteriors are averaged. Everything that is
 averaged is a soft-max posterior, never a logit — except the spatial average

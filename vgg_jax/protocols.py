@@ -12,10 +12,15 @@ each rule has one definition:
   per scale (`multicrop_views`); 150 over three scales (`multiscale_views`).
 * **Dense**: the fully-convolutional net's class score map of the image and of
   its horizontal flip, each averaged spatially, soft-maxed, the two posteriors
-  averaged (`dense_flip_posterior`). For bounded compilation the rescaled
-  image is placed top-left on one of a few canvases (`dense_canvases`,
+  averaged (`dense_flip_posterior`); pools round up, so the map covers the
+  whole image (`pooled_size`, `dense_map_size`). For bounded compilation the
+  rescaled image is placed top-left on one of a few canvases (`dense_canvases`,
   `choose_canvas`, `place_on_canvas`); only the cells the unpadded image would
-  produce are averaged (`dense_map_size`, `top_left_mask`).
+  produce are averaged (`top_left_mask`). Test-time flips follow the training
+  (`resolve_flips`).
+* **App. B descriptor**: the same with an activation map (fc7) instead of the
+  score map, no soft-max (`dense_flip_descriptor`); scales averaged or stacked,
+  then L2-normalised (`combine_scales`).
 * **Averaging**: flips, crops, scales and nets (fusion, Table 6) are averaged as
   soft-max posteriors, never as logits (`average_posteriors`, `fuse_posteriors`).
 * **Top-k error** with a pessimistic tie rule (`topk_correct`, `topk_errors`),
