@@ -472,21 +472,21 @@ def test_demo_net_well_below_chance(demo_workdir, tmp_path):
 def test_ceil_mode_dense_map_covers_the_image_and_crops_are_unchanged(net):
     _, model, params, apply, apply_dense = net
     floor = model.clone(dense_ceil_mode=False)
+    floor_apply = jax.jit(lambda x, dense: floor.apply({"params": params}, x, dense=dense), static_argnums=1)
     image = _images(10, [(36, 45)])[0][None].astype(np.float32) - np.array(MEAN, np.float32)
     ceil_map = np.asarray(apply_dense(image))
-    floor_map = np.asarray(floor.apply({"params": params}, image, dense=True))
+    floor_map = np.asarray(floor_apply(image, True))
     assert ceil_map.shape[1:3] == protocols.dense_map_size(36, 45, CROP) == (2, 2)
     assert floor_map.shape[1:3] == protocols.dense_map_size(36, 45, CROP, ceil=False) == (1, 1)
     changed = image.copy()
-    changed[:, 33:, 40:] += 50.0  # only pixels a floor-mode map never sees
-    np.testing.assert_array_equal(np.asarray(floor.apply({"params": params}, changed, dense=True)), floor_map)
+    changed[:, 33:, 40:] += 50.0  # the bottom-right corner: a cell of its own with ceil pools
     assert np.abs(np.asarray(apply_dense(changed))[:, 1, 1] - ceil_map[:, 1, 1]).max() > 1e-3
     # Crops and sizes that are multiples of 32: the two modes are bit-identical.
     crops = _images(11, [(CROP, CROP)] * 2)
     x = np.stack(crops).astype(np.float32) - np.array(MEAN, np.float32)
-    np.testing.assert_array_equal(np.asarray(apply(x)), np.asarray(floor.apply({"params": params}, x)))
+    np.testing.assert_array_equal(np.asarray(apply(x)), np.asarray(floor_apply(x, False)))
     big = np.concatenate([x, x], axis=2)  # 32 × 64
-    np.testing.assert_array_equal(np.asarray(apply_dense(big)), floor.apply({"params": params}, big, dense=True))
+    np.testing.assert_array_equal(np.asarray(apply_dense(big)), np.asarray(floor_apply(big, True)))
 
 
 def test_flips_follow_training_and_the_final_step_is_reported(fake_runs, net):
