@@ -115,7 +115,7 @@ def test_predict_top_k(classifier):
 def test_dense_prediction_at_crop_size_averages_image_and_flip(classifier):
     """At Q = crop the score map is 1×1: dense = mean of the crop head's posteriors of image and flip."""
     images = _images(2, 32, seed=2)
-    dense = classifier.probabilities(images, dense=True, scales=32)
+    dense = classifier.probabilities(images, dense=True, scales=32, flips="yes")  # the demo trained without flips
     crop = jax.nn.softmax(classifier.logits(images))
     flipped = jax.nn.softmax(classifier.logits(images[:, :, ::-1]))
     np.testing.assert_allclose(dense, 0.5 * (crop + flipped), rtol=1e-5, atol=1e-7)
@@ -137,10 +137,11 @@ def test_dense_multi_scale_on_any_size(classifier, run_dir):
         return 0.5 * (posteriors[0] + posteriors[1])
 
     expected = (by_hand(32) + by_hand(40) + by_hand(48)) / 3
-    np.testing.assert_allclose(classifier.probabilities(images, dense=True, scales=(32, 40, 48)), expected, atol=1e-6)
-    prediction = classifier.predict(images, dense=True, scales=(32, 40, 48))
+    probabilities = classifier.probabilities(images, dense=True, scales=(32, 40, 48), flips="yes")
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    prediction = classifier.predict(images, dense=True, scales=(32, 40, 48), flips="yes")
     np.testing.assert_array_equal(prediction.top1, expected.argmax(-1))
-    default = classifier.predict(images, dense=True)  # Q = config.eval_scale (36)
+    default = classifier.predict(images, dense=True, flips="yes")  # Q = config.eval_scale (36)
     np.testing.assert_allclose(default.probabilities[:, 0], by_hand(36).max(-1), atol=1e-6)
 
 
@@ -171,14 +172,15 @@ def test_features_shapes(classifier):
 def test_app_b_descriptor_is_unit_norm_and_flip_invariant(classifier, run_dir):
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (3, 40, 52, 3), dtype=np.uint8)
-    descriptor = classifier.features(images, layer="fc7", dense=True, scales=(32, 40))
+    descriptor = classifier.features(images, layer="fc7", dense=True, flips="yes", scales=(32, 40))
     assert descriptor.shape == (3, classifier.model.fc_width)
     np.testing.assert_allclose(np.linalg.norm(descriptor, axis=-1), 1.0, rtol=1e-5)
     # Flip invariance: exact up to float order where no resize happens (Q = 40 = the smaller side) …
-    native = classifier.features(images, dense=True, scales=40)
-    np.testing.assert_allclose(classifier.features(images[:, :, ::-1], dense=True, scales=40), native, atol=1e-6)
+    native = classifier.features(images, dense=True, flips="yes", scales=40)
+    mirrored = classifier.features(images[:, :, ::-1], dense=True, flips="yes", scales=40)
+    np.testing.assert_allclose(mirrored, native, atol=1e-6)
     # … and up to uint8 rounding of the antialiased resize (a pixel may round the other way) otherwise.
-    flipped = classifier.features(images[:, :, ::-1], layer="fc7", dense=True, scales=(32, 40))
+    flipped = classifier.features(images[:, :, ::-1], layer="fc7", dense=True, flips="yes", scales=(32, 40))
     np.testing.assert_allclose(flipped, descriptor, atol=1e-4)
 
     # A horizontally symmetric image: the flip adds nothing, so the descriptor is the
@@ -190,14 +192,21 @@ def test_app_b_descriptor_is_unit_norm_and_flip_invariant(classifier, run_dir):
     fc7 = _apply(model, run_dir[1][20], symmetric - mean, dense=True, outputs=("fc7",))["fc7"]
     pooled = np.asarray(fc7.mean(axis=(1, 2)))
     expected = pooled / np.linalg.norm(pooled)
-    np.testing.assert_allclose(classifier.features(symmetric, dense=True, scales=36), expected, atol=1e-6)
+    np.testing.assert_allclose(classifier.features(symmetric, dense=True, flips="yes", scales=36), expected, atol=1e-6)
 
-    # Scales: per-scale normalised descriptors are averaged, then re-normalised.
-    per_scale = [classifier.features(images, dense=True, scales=32), native]
+    # Scales (App. B): the raw per-scale descriptors are averaged (or stacked), then L2-normalised once;
+    # normalize_scales=True normalises each scale first (the former default, not the paper's).
+    per_scale = [classifier.features(images, dense=True, flips="yes", scales=32), native]
     combined = per_scale[0] + per_scale[1]
-    np.testing.assert_allclose(descriptor, combined / np.linalg.norm(combined, axis=-1, keepdims=True), atol=1e-6)
-    raw = classifier.features(images, dense=True, scales=32, normalize=False)
-    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=-1, keepdims=True), per_scale[0], atol=1e-6)
+    renormalised = classifier.features(images, dense=True, flips="yes", scales=(32, 40), normalize_scales=True)
+    np.testing.assert_allclose(renormalised, combined / np.linalg.norm(combined, axis=-1, keepdims=True), atol=1e-6)
+    raw = [classifier.features(images, dense=True, flips="yes", scales=q, normalize=False) for q in (32, 40)]
+    np.testing.assert_allclose(raw[0] / np.linalg.norm(raw[0], axis=-1, keepdims=True), per_scale[0], atol=1e-6)
+    mean = raw[0] + raw[1]
+    np.testing.assert_allclose(descriptor, mean / np.linalg.norm(mean, axis=-1, keepdims=True), atol=1e-6)
+    stacked = classifier.features(images, dense=True, flips="yes", scales=(32, 40), combine="stack")
+    both = np.concatenate(raw, axis=-1)
+    np.testing.assert_allclose(stacked, both / np.linalg.norm(both, axis=-1, keepdims=True), atol=1e-6)
 
 
 def test_prepare_rescales_and_centre_crops(classifier):

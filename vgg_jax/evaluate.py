@@ -12,6 +12,12 @@ scale Q, then classified one of these ways (``method``):
 * ``both``: the dense and multi-crop posteriors averaged (paper Table 5).
 * ``center_crop``: one centre crop, no flip (the cheap periodic validation).
 
+Test-time flips follow the training (``--flips=auto``: only if ``config.random_flip``; a
+net never shown mirrored digits is not asked about them); ``yes``/``no`` force them. The
+paper reports the final network, so ``--step=latest`` is the default (``best`` on request);
+the table and JSON name the step used. Dense pools round up (Caffe), so the score map covers
+the whole image; ``--dense_pooling=floor`` rounds down.
+
 Over several scales the per-scale posteriors are averaged; over several nets
 (fusion, Table 6) the per-net posteriors are averaged. Everything that is
 averaged is a soft-max posterior, never a logit — except the spatial average
@@ -46,7 +52,7 @@ from absl import app, flags
 from jax.sharding import Mesh
 
 from vgg_jax import checkpoints, console, models, parallel, paths
-from vgg_jax.protocols import check_scales, fuse_posteriors, resolve_scales, topk_errors
+from vgg_jax.protocols import check_scales, fuse_posteriors, resolve_flips, resolve_scales, topk_errors
 from vgg_jax.runner import run_evaluation
 
 METHODS = ("dense", "multicrop", "both", "center_crop")
@@ -127,11 +133,13 @@ def evaluate_params(
     dense_buckets: str = "aspect",
     examples: Iterable[Mapping[str, Any]] | None = None,
     name: str = "eval",
+    flips: str | bool | None = "auto",
 ) -> dict[str, Any]:
     """Evaluates `params` of the net `config` describes on `split` (default config.eval_split).
 
+    `flips`: test-time horizontal flips, 'auto' (as the training: config.random_flip), 'yes' or 'no'.
     Returns top1_error, top5_error (fractions), loss (mean −log posterior of
-    the true class), num_examples, method, scales, and 'posteriors' (N, C),
+    the true class), num_examples, method, scales, flips, and 'posteriors' (N, C),
     'labels', 'indices' for fusion; 'by_method' holds the same per component
     ('dense', 'multicrop' for method='both'). Pass `examples` (see
     `run_evaluation`) to bypass the data pipeline.
@@ -141,6 +149,7 @@ def evaluate_params(
     scales = [int(q) for q in (scales or [config.eval_scale])]
     check_scales(scales, int(config.crop_size))
     split = split or config.eval_split
+    use_flips = resolve_flips(flips, config)
     methods = ("dense", "multicrop") if method == "both" else (method,)
     if examples is None:
         full_split = _split_with_limit(split, max_examples)
@@ -160,6 +169,7 @@ def evaluate_params(
         dense_buckets=dense_buckets,
         total_examples=total,
         name=name,
+        flips=use_flips,
     )
     by_method = {
         m: dict(summarize(raw["posteriors"][m], raw["labels"]), posteriors=raw["posteriors"][m]) for m in methods
@@ -170,6 +180,7 @@ def evaluate_params(
         num_examples=len(raw["labels"]),
         method=method,
         scales=scales,
+        flips=use_flips,
         split=split,
         posteriors=posteriors,
         labels=raw["labels"],
@@ -192,6 +203,7 @@ def _row(net: str, train_scale: str, method: str, scales: Sequence[int], metrics
         train_scale=train_scale,
         method=method,
         scales=list(scales),
+        flips=bool(metrics.get("flips", True)),
         top1_error=float(metrics["top1_error"]),
         top5_error=float(metrics["top5_error"]),
         num_examples=int(metrics["num_examples"]),
@@ -199,13 +211,16 @@ def _row(net: str, train_scale: str, method: str, scales: Sequence[int], metrics
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's layout: net, train S, method, test Q, top-1 and top-5 error (%)."""
-    lines = ["| net | train S | method | test Q | top-1 error (%) | top-5 error (%) |", "|---|---|---|---|---|---|"]
+    """The paper's layout: net, train S, method, test Q, top-1 and top-5 error (%); then the step and flips used."""
+    lines = [
+        "| net | train S | method | test Q | top-1 error (%) | top-5 error (%) | step | flips |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['net']} | {row['train_scale']} | {METHOD_LABELS.get(row['method'], row['method'])} | "
             f"{','.join(str(q) for q in row['scales'])} | {100 * row['top1_error']:.1f} | "
-            f"{100 * row['top5_error']:.1f} |"
+            f"{100 * row['top5_error']:.1f} | {row.get('step', '–')} | {'yes' if row.get('flips', True) else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -232,7 +247,11 @@ def _load_runs(
     for directory in directories:
         config = checkpoints.load_config(directory)  # FileNotFoundError names the missing config.json
         for field, value in overrides.items():
-            config[field] = value
+            *parents, name = field.split(".")  # 'model.dense_ceil_mode' sets a nested field
+            target = config
+            for parent in parents:
+                target = target[parent]
+            target[name] = value
         resolved = checkpoints.resolve_step(directory, step)  # FileNotFoundError: no checkpoint
         try:
             run_scales = resolve_scales(scales, config)
@@ -257,7 +276,7 @@ def _component(result: Mapping[str, Any], method: str, component: str) -> Mappin
     """The metrics and posteriors of one component ('dense', 'multicrop') of a `method` evaluation, or all of it."""
     if component == method:
         return result
-    return dict(result["by_method"][component], num_examples=len(result["labels"]))
+    return dict(result["by_method"][component], num_examples=len(result["labels"]), flips=result["flips"])
 
 
 def _fusion_rows(
@@ -274,8 +293,10 @@ def _fusion_rows(
     rows = []
     for component in components:
         fused = fuse_posteriors([_component(result, method, component)["posteriors"] for result in results])
-        metrics = dict(summarize(fused, base["labels"]), num_examples=len(base["labels"]))
-        rows.append(dict(_row(net, "fusion", component, all_scales, metrics), checkpoint=checkpoint))
+        flips = all(result["flips"] for result in results)
+        metrics = dict(summarize(fused, base["labels"]), num_examples=len(base["labels"]), flips=flips)
+        steps = "+".join(str(run.step) for run in runs)
+        rows.append(dict(_row(net, "fusion", component, all_scales, metrics), checkpoint=checkpoint, step=steps))
     return rows
 
 
@@ -285,15 +306,18 @@ def evaluate_checkpoints(
     method: str = "dense",
     scales: str | Sequence[int] | None = None,
     split: str | None = None,
-    step: int | str | None = "best",
+    step: int | str | None = "latest",
     out: str | None = None,
     max_examples: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
     dense_buckets: str = "aspect",
+    flips: str | bool | None = "auto",
 ) -> dict[str, Any]:
     """Evaluates each run directory the paper's way and fuses them (posteriors averaged per example).
 
+    `step`: 'latest' (default: the final network, as the paper reports), 'best' or a number; the
+    table and JSON give the step each run used. `flips`: 'auto' follows each run's random_flip.
     `scales`: 'single' (default) / 'multi' (the paper's for each run's
     training scale) or explicit Qs. `overrides` replace config fields (e.g.
     data_dir, eval_batch_size). Prints the table on process 0, writes JSON to
@@ -320,6 +344,7 @@ def evaluate_checkpoints(
             max_examples=max_examples,
             dense_buckets=dense_buckets,
             name=f"eval {run.directory}",
+            flips=flips,
         )
         results.append(result)
         for component in components:
@@ -329,7 +354,8 @@ def evaluate_checkpoints(
     if len(results) > 1:
         rows += _fusion_rows(runs, results, method, components)
     table = format_table(rows)
-    report = {"split": split, "method": method, "step": step, "rows": rows, "table": table}
+    steps = {str(run.directory): run.step for run in runs}
+    report = {"split": split, "method": method, "step": step, "steps": steps, "rows": rows, "table": table}
     if jax.process_index() == 0:
         print(table, flush=True)
         if out:
@@ -354,6 +380,7 @@ def _main(argv: Sequence[str]) -> None:
         overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:
         overrides["eval_batch_size"] = values.eval_batch_size
+    overrides["model.dense_ceil_mode"] = values.dense_pooling == "ceil"
     step: int | str = int(values.step) if values.step.isdigit() else values.step
     try:
         # The environment alone says whether this is one of several processes: the trained run's
@@ -369,6 +396,7 @@ def _main(argv: Sequence[str]) -> None:
             max_examples=values.max_examples,
             overrides=overrides,
             dense_buckets=values.dense_buckets,
+            flips=values.flips,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -381,12 +409,30 @@ def run() -> None:
     flags.DEFINE_enum("method", "dense", list(METHODS), "dense, multicrop, both (dense + multi-crop) or center_crop.")
     flags.DEFINE_string("scales", "single", "'single' / 'multi' (the paper's Q for each run) or e.g. 256,384,512.")
     flags.DEFINE_string("split", None, "Data set split (default: the run's eval_split); TFDS slicing allowed.")
-    flags.DEFINE_string("step", "best", "'best' (lowest validation top-1), 'latest' or a step number.")
+    flags.DEFINE_string(
+        "step", "latest", "'latest' (the final network, as the paper), 'best' (lowest validation top-1) or a number."
+    )
+    flags.DEFINE_enum(
+        "dense_pooling",
+        "ceil",
+        ["ceil", "floor"],
+        "Dense pools round up (Caffe: the map covers the whole image) or down (drops up to 31 px right/bottom). "
+        "On the demo digits (crop 32, a 1×1 fc6 window) ceil's partial cells cost accuracy: bench/RESULTS.md.",
+    )
+    flags.DEFINE_enum(
+        "flips", "auto", ["auto", "yes", "no"], "Test-time horizontal flips; auto: as in training (random_flip)."
+    )
     flags.DEFINE_string("out", None, "Write the results as JSON here.")
     flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples of the split.")
     flags.DEFINE_string("data_dir", None, "Override the run's TFDS data_dir.")
     flags.DEFINE_integer("eval_batch_size", None, "Override the global batch (in crops).")
-    flags.DEFINE_enum("dense_buckets", "aspect", ["aspect", "exact"], "Dense shape buckets, or exact shapes.")
+    flags.DEFINE_enum(
+        "dense_buckets",
+        "aspect",
+        ["aspect", "exact"],
+        "aspect: a few padded canvas shapes per Q, computed exactly (masked; max |posterior difference| "
+        "to per-image ~1e-6, bench/RESULTS.md); exact: one compilation per image shape (one process).",
+    )
     flags.mark_flag_as_required("checkpoint")
     app.run(_main)
 

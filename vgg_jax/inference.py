@@ -7,6 +7,7 @@
     clf.predict(images, dense=True, scales=(256, 384, 512))   # the paper's dense multi-scale test
     clf.features(crops, layer="pool5")               # named activations
     clf.features(images, layer="fc7", dense=True)    # App. B descriptor (N, fc_width), unit L2 norm
+    clf.features(images, dense=True, scales=(256, 384, 512), combine="stack")  # (N, 3·fc_width)
 
 Images are always uint8 RGB NHWC with values 0–255; the run's preprocessing
 (minus ``config.mean_rgb``) is applied here. Converted weights (``convert.py``)
@@ -15,11 +16,14 @@ have their own preprocessing absorbed into conv1_1, so they take the same input.
 Dense evaluation (paper §3.2, the arithmetic in `vgg_jax.protocols`): each
 image is rescaled so its smaller side is Q (bilinear, antialiased), the
 fully-convolutional net gives a class score map that is spatially averaged,
-soft-maxed, and averaged with the posterior of the horizontally flipped image;
+soft-maxed, and averaged with the posterior of the horizontally flipped image
+(flips="auto": only if the run trained with flips, ``config.random_flip``);
 with several Q the posteriors are averaged over scales. The App. B descriptor
 is the same with an activation map instead of the score map: global average
-over positions, averaged over the image and its flip, L2-normalised per scale,
-averaged over scales and L2-normalised again.
+over positions, averaged over the image and its flip, then over scales
+averaged or stacked, and L2-normalised at the end (`protocols.combine_scales`;
+``normalize_scales=True`` also normalises each scale first, not the paper's).
+Pools round up in dense mode, so the maps cover the whole image (`models.ceil_mode_pad`).
 """
 
 from __future__ import annotations
@@ -140,25 +144,22 @@ class Classifier:
 
         return self._jitted(("activation", layers), lambda: activation)
 
-    @property
-    def _dense_posterior_fn(self) -> Any:
+    def _dense_posterior_fn(self, flips: bool) -> Any:
         def posterior(variables: Any, images: jax.Array) -> jax.Array:
-            scores = self.model.apply(variables, self._inputs(protocols.with_flips(images)), dense=True)
-            return protocols.dense_flip_posterior(scores)
+            inputs = self._inputs(protocols.with_flips(images) if flips else images)
+            return protocols.dense_flip_posterior(self.model.apply(variables, inputs, dense=True), flips=flips)
 
-        return self._jitted(("dense_posterior",), lambda: posterior)
+        return self._jitted(("dense_posterior", flips), lambda: posterior)
 
-    def _dense_descriptor_fn(self, layers: tuple[str, ...], normalize: bool) -> Any:
+    def _dense_descriptor_fn(self, layers: tuple[str, ...], flips: bool) -> Any:
+        """Paper App. B at one scale: each layer's map pooled globally and over the flip (`protocols`)."""
+
         def descriptor(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-            inputs = self._inputs(protocols.with_flips(images))
+            inputs = self._inputs(protocols.with_flips(images) if flips else images)
             maps = self.model.apply(variables, inputs, dense=True, outputs=layers)
-            result = {}
-            for layer, value in maps.items():
-                pooled = protocols.average_flips(protocols.spatial_average(value))
-                result[layer] = _l2_normalize(pooled) if normalize else pooled
-            return result
+            return {layer: protocols.dense_flip_descriptor(value, flips=flips) for layer, value in maps.items()}
 
-        return self._jitted(("dense_descriptor", layers, normalize), lambda: descriptor)
+        return self._jitted(("dense_descriptor", layers, flips), lambda: descriptor)
 
     # ------------------------------------------------------------------ helpers
 
@@ -223,14 +224,23 @@ class Classifier:
         return self._map(self._logits_fn, images).astype(np.float32)
 
     def probabilities(
-        self, images: Any, *, dense: bool = False, scales: int | Sequence[int] | None = None
+        self,
+        images: Any,
+        *,
+        dense: bool = False,
+        scales: int | Sequence[int] | None = None,
+        flips: str | bool = "auto",
     ) -> np.ndarray:
-        """Soft-max posteriors (N, classes): of the crops, or the paper's dense multi-scale protocol."""
+        """Soft-max posteriors (N, classes): of the crops, or the paper's dense multi-scale protocol.
+
+        `flips` (dense): 'auto' averages with the mirrored image if the run trained with flips; 'yes'/'no'.
+        """
         if not dense:
             return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
         images = self._check_images(images, crop=False)
         scales = self._scales(scales)
-        total = sum(self._map(self._dense_posterior_fn, resize_smaller_side(images, q)) for q in scales)
+        function = self._dense_posterior_fn(protocols.resolve_flips(flips, self.config))
+        total = sum(self._map(function, resize_smaller_side(images, q)) for q in scales)
         return total / len(scales)
 
     def predict(
@@ -240,6 +250,7 @@ class Classifier:
         *,
         dense: bool = False,
         scales: int | Sequence[int] | None = None,
+        flips: str | bool = "auto",
     ) -> Prediction:
         """Top-k classes with probabilities (and names where the data set has them).
 
@@ -248,7 +259,7 @@ class Classifier:
         to each Q in `scales` (default ``config.eval_scale``), dense over the
         image and its flip, posteriors averaged (paper §3.2).
         """
-        probabilities = self.probabilities(images, dense=dense, scales=scales)
+        probabilities = self.probabilities(images, dense=dense, scales=scales, flips=flips)
         k = max(1, min(int(top_k), probabilities.shape[-1]))
         ids = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
         top = np.take_along_axis(probabilities, ids, axis=-1)
@@ -265,6 +276,9 @@ class Classifier:
         dense: bool = False,
         scales: int | Sequence[int] | None = None,
         normalize: bool = True,
+        combine: str = "average",
+        normalize_scales: bool = False,
+        flips: str | bool = "auto",
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Activations of `layer` (one of `self.layers`), or a dict of several from one forward pass.
 
@@ -272,8 +286,10 @@ class Classifier:
         (N, h, w, C) for conv/pool layers, (N, F) for fc6/fc7/fc8.
         ``dense=True``: paper App. B — images of any size, rescaled to each Q
         in `scales`, the fully-convolutional activation map globally averaged,
-        averaged with the flipped image's, L2-normalised (if `normalize`),
-        averaged over scales and re-normalised → (N, C).
+        averaged with the flipped image's (`flips`), then over scales
+        ``combine``d ('average' → (N, C), 'stack' → (N, len(scales)·C)) and
+        L2-normalised (if `normalize`; ``normalize_scales`` normalises each
+        scale first too).
         """
         layers = (layer,) if isinstance(layer, str) else tuple(layer)
         unknown = [name for name in layers if name not in self.layers]
@@ -284,21 +300,20 @@ class Classifier:
         if not dense:
             result = self._map(self._activation_fn(layers), self._check_images(images, crop=True))
         else:
+            if combine not in ("average", "stack"):
+                raise ValueError(f"combine must be 'average' or 'stack' (paper App. B), got {combine!r}")
             images = self._check_images(images, crop=False)
             scales = self._scales(scales)
-            function = self._dense_descriptor_fn(layers, normalize)
-            result = {name: 0.0 for name in layers}
-            for q in scales:
-                for name, value in self._map(function, resize_smaller_side(images, q)).items():
-                    result[name] = result[name] + value / len(scales)
-            if normalize:
-                result = {name: np.asarray(_l2_normalize(value)) for name, value in result.items()}
+            function = self._dense_descriptor_fn(layers, protocols.resolve_flips(flips, self.config))
+            per_scale = [self._map(function, resize_smaller_side(images, q)) for q in scales]
+            result = {}
+            for name in layers:
+                stacked = np.stack([values[name] for values in per_scale], axis=1)  # (N, scales, C)
+                if normalize:
+                    result[name] = protocols.combine_scales(stacked, combine, normalize_scales)
+                else:  # the raw pooled activations, combined the same way
+                    result[name] = stacked.mean(1) if combine == "average" else stacked.reshape(len(stacked), -1)
         return result[layer] if isinstance(layer, str) else {name: result[name] for name in layers}
-
-
-def _l2_normalize(x: Any) -> Any:
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
 
 
 def class_names_for(config: ml_collections.ConfigDict) -> list[str] | None:

@@ -157,7 +157,7 @@ class FullyConnected(nn.Module):
 
 
 def _conv_block(
-    module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any
+    module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any, dense: bool = False
 ) -> tuple[jax.Array, list[tuple[str, jax.Array]]]:
     """One block of Table 1 (convs + ReLUs, LRN in A-LRN, 2×2/2 max-pool) in `module`'s scope.
 
@@ -183,13 +183,30 @@ def _conv_block(
         if _LRN_AFTER.get(module.variant) == name:
             x = local_response_norm(x, alpha_over_size=module.lrn_alpha_over_size)
             activations.append(("norm1", x))
+    if dense and module.dense_ceil_mode:
+        x = ceil_mode_pad(x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     activations.append((f"pool{block + 1}", x))
     return x, activations
 
 
-def _pooled_block(module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any) -> jax.Array:
-    return _conv_block(module, x, block, channels, kernel_init)[0]
+def _pooled_block(
+    module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any, dense: bool = False
+) -> jax.Array:
+    return _conv_block(module, x, block, channels, kernel_init, dense)[0]
+
+
+def ceil_mode_pad(x: jax.Array) -> jax.Array:
+    """Pads an odd height/width at the bottom/right with −inf, so a 2×2/2 max-pool rounds up (Caffe's ceil mode).
+
+    Dense evaluation only (paper §3.2): the released nets ran fully convolutionally in Caffe, whose
+    pooling covers the last odd row/column; flooring would drop it at every pool, so at Q = crop + 4
+    the score map would see only the top-left crop. Crops (multiples of 32) never need it.
+    """
+    pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
+    if not (pad_h or pad_w):
+        return x
+    return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
 
 
 class VGG(nn.Module):
@@ -212,6 +229,8 @@ class VGG(nn.Module):
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       remat: recompute each conv block in the backward pass instead of storing
         its activations (memory for compute; see bench/RESULTS.md).
+      dense_ceil_mode: with ``dense=True``, pools round up (Caffe; the score map
+        covers the whole image) instead of down; crops are unaffected.
     """
 
     variant: str = "D"
@@ -226,6 +245,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    dense_ceil_mode: bool = True
 
     @property
     def fc6_window(self) -> int:
@@ -288,12 +308,12 @@ class VGG(nn.Module):
         x = x.astype(self.dtype)
         if self.remat and not wanted:
             # Keep only each block's input; recompute its convs in the backward pass.
-            pooled = nn.remat(_pooled_block, static_argnums=(2, 3, 4))
+            pooled = nn.remat(_pooled_block, static_argnums=(2, 3, 4, 5))
             for block, channels in enumerate(self.conv_widths()):
-                x = pooled(self, x, block, channels, kernel_init)
+                x = pooled(self, x, block, channels, kernel_init, dense)
         else:
             for block, channels in enumerate(self.conv_widths()):
-                x, activations = _conv_block(self, x, block, channels, kernel_init)
+                x, activations = _conv_block(self, x, block, channels, kernel_init, dense)
                 for name, value in activations:
                     if keep(name, value):
                         return captured
@@ -330,6 +350,7 @@ def from_config(config: Any, *, dtype: Any = None) -> VGG:
         lrn_alpha_over_size=model.get("lrn_alpha_over_size", False),
         dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
         remat=bool(config.get("remat", False)),
+        dense_ceil_mode=model.get("dense_ceil_mode", True),
     )
 
 

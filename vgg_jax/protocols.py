@@ -12,10 +12,15 @@ each rule has one definition:
   per scale (`multicrop_views`); 150 over three scales (`multiscale_views`).
 * **Dense**: the fully-convolutional net's class score map of the image and of
   its horizontal flip, each averaged spatially, soft-maxed, the two posteriors
-  averaged (`dense_flip_posterior`). For bounded compilation the rescaled
-  image is placed top-left on one of a few canvases (`dense_canvases`,
+  averaged (`dense_flip_posterior`); pools round up, so the map covers the
+  whole image (`pooled_size`, `dense_map_size`). For bounded compilation the
+  rescaled image is placed top-left on one of a few canvases (`dense_canvases`,
   `choose_canvas`, `place_on_canvas`); only the cells the unpadded image would
-  produce are averaged (`dense_map_size`, `top_left_mask`).
+  produce are averaged (`top_left_mask`). Test-time flips follow the training
+  (`resolve_flips`).
+* **App. B descriptor**: the same with an activation map (fc7) instead of the
+  score map, no soft-max (`dense_flip_descriptor`); scales averaged or stacked,
+  then L2-normalised (`combine_scales`).
 * **Averaging**: flips, crops, scales and nets (fusion, Table 6) are averaged as
   soft-max posteriors, never as logits (`average_posteriors`, `fuse_posteriors`).
 * **Top-k error** with a pessimistic tie rule (`topk_correct`, `topk_errors`),
@@ -62,6 +67,18 @@ def resolve_scales(spec: str | Sequence[int] | None, config: ml_collections.Conf
         scales = [int(q) for q in spec]
     check_scales(scales, int(config.crop_size))
     return scales
+
+
+def resolve_flips(flips: str | bool | None, config: ml_collections.ConfigDict) -> bool:
+    """Test-time flips (paper §3.2 averages image and flip): 'auto'/None follow the training's
+    `config.random_flip` (a net never shown mirrored digits should not be asked about them); 'yes'/'no' force."""
+    if flips is None or flips == "auto":
+        return bool(config.get("random_flip", True))
+    if isinstance(flips, bool):
+        return flips
+    if flips in ("yes", "no"):
+        return flips == "yes"
+    raise ValueError(f"flips must be 'auto', 'yes' or 'no', got {flips!r}")
 
 
 def check_scales(scales: Sequence[int], crop_size: int) -> None:
@@ -170,13 +187,21 @@ def place_on_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndar
     return out, (height, width)
 
 
-def dense_map_size(height: Any, width: Any, crop: int) -> tuple[Any, Any]:
+def pooled_size(size: Any, pools: int, ceil: bool = True) -> Any:
+    """A side after `pools` 2×2/2 max-pools: ⌈size/2^pools⌉ in ceil mode (dense evaluation,
+    `models.ceil_mode_pad`), else ⌊size/2^pools⌋."""
+    return -(-size // 2**pools) if ceil else size // 2**pools
+
+
+def dense_map_size(height: Any, width: Any, crop: int, ceil: bool = True) -> tuple[Any, Any]:
     """Score-map size of the fully-convolutional net on a height×width image (5 pools, then a k×k fc6).
 
-    Integers or arrays of them (a batch of image sizes).
+    ⌈h/32⌉ − k + 1 cells, k = crop/32, with ceil-mode pools (`VGG.dense_ceil_mode`, the default): the
+    last cell reaches past the image, so every pixel is seen (Caffe's rounding; a floor drops up to
+    31 px at the right/bottom). Integers or arrays of them.
     """
     window = crop // 32
-    return height // 32 - window + 1, width // 32 - window + 1
+    return pooled_size(height, 5, ceil) - window + 1, pooled_size(width, 5, ceil) - window + 1
 
 
 def top_left_mask(heights: jax.Array, widths: jax.Array, shape: tuple[int, int]) -> jax.Array:
@@ -218,16 +243,52 @@ def average_flips(values: jax.Array) -> jax.Array:
     return 0.5 * (values[:count] + values[count:])
 
 
-def dense_flip_posterior(score_maps: jax.Array, cells: jax.Array | None = None) -> jax.Array:
+def dense_flip_posterior(score_maps: jax.Array, cells: jax.Array | None = None, flips: bool = True) -> jax.Array:
     """Paper §3.2 dense evaluation: (2N, h, w, classes) score maps of N images then their flips → (N, classes).
 
     Each map is averaged spatially (over the True `cells` (N, h, w) of the image,
     the same for its flip, where given) into class scores, soft-maxed, and the
-    posteriors of the image and its flip averaged.
+    posteriors of the image and its flip averaged. ``flips=False``: N maps, no flips.
     """
-    if cells is not None:
+    if cells is not None and flips:
         cells = jnp.concatenate([cells, cells])
-    return average_flips(jax.nn.softmax(spatial_average(score_maps, cells), axis=-1))
+    posteriors = jax.nn.softmax(spatial_average(score_maps, cells), axis=-1)
+    return average_flips(posteriors) if flips else posteriors
+
+
+def dense_flip_descriptor(maps: jax.Array, cells: jax.Array | None = None, flips: bool = True) -> jax.Array:
+    """Paper App. B descriptor at one scale: (2N, h, w, F) activation maps of N images then their flips → (N, F).
+
+    Each map is global-average-pooled (over its True `cells`, as `dense_flip_posterior`) and the image's
+    and its flip's vectors are averaged; no soft-max, no normalisation (`combine_scales` does that).
+    """
+    if cells is not None and flips:
+        cells = jnp.concatenate([cells, cells])
+    pooled = spatial_average(maps, cells)
+    return average_flips(pooled) if flips else pooled
+
+
+def l2_normalize(x: Any, axis: int = -1) -> Any:
+    """x / ‖x‖₂ along `axis` (a zero vector stays zero); NumPy or jnp."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    norm = xp.sqrt(xp.sum(xp.square(x), axis=axis, keepdims=True))
+    return x / xp.maximum(norm, 1e-12)
+
+
+def combine_scales(per_scale: Any, how: str = "average", normalize_each: bool = False) -> Any:
+    """Paper App. B: (N, S, F) descriptors over S scales → (N, F) averaged or (N, S·F) stacked, L2-normalised.
+
+    The paper normalises the final descriptor; ``normalize_each`` also normalises every scale's
+    vector first (not stated in the paper; the former default of `inference.features`).
+    """
+    if how not in ("average", "stack"):
+        raise ValueError(f"scales combine by 'average' or 'stack', got {how!r}")
+    per_scale = l2_normalize(per_scale) if normalize_each else per_scale
+    if how == "average":
+        combined = per_scale.mean(axis=1)
+    else:
+        combined = per_scale.reshape(per_scale.shape[0], -1)
+    return l2_normalize(combined)
 
 
 # ----------------------------------------------------------------------------- posteriors and fusion

@@ -5,22 +5,21 @@ posteriors for the methods of `vgg_jax.evaluate` (dense, multi-crop, centre
 crop), averaged over the test scales; the protocol arithmetic (views,
 canvases, flips, posteriors) is `vgg_jax.protocols`.
 
-Bounded compilation in dense evaluation (approximation, **[choice]**): the
-rescaled image (smaller side Q, other side L) is placed in the top-left corner
-of the smallest of a few fixed canvases ("buckets") that holds it: (Q, L_b)
-for landscape, (L_b, Q) for portrait, with L_b = round(Q·r) for ``num_buckets``
-aspect ratios r evenly spaced in [1, ``max_aspect``] — at most
-2·num_buckets − 1 compiled shapes per scale. The padding is zero after mean
-subtraction; the flip mirrors the image inside its own width, so it stays
-top-left aligned. The score map is averaged only over the cells the exact
-computation on the unpadded image would produce (⌊h/32⌋−k+1 by ⌊w/32⌋−k+1,
-k = crop_size/32), so every cell covers the same pixels as in the exact map.
-The remaining difference is context: convolutions near the right/bottom edge
-of the image see ReLU(bias)-valued activations in the padding where the exact
-computation sees zero padding. An image whose rescaled shape equals a canvas is
-computed exactly (tested). Images more elongated than ``max_aspect`` are
-centre-cropped along their long side to the largest canvas. ``dense_buckets=
-'exact'`` compiles one shape per distinct image shape instead (single process).
+Bounded compilation in dense evaluation, computed exactly: the rescaled image
+(smaller side Q, other side L) is placed in the top-left corner of the smallest
+of a few fixed canvases ("buckets") that holds it: (Q, L_b) for landscape,
+(L_b, Q) for portrait, with L_b = round(Q·r) for ``num_buckets`` aspect ratios r
+evenly spaced in [1, ``max_aspect``] — at most 2·num_buckets − 1 compiled shapes
+per scale. Every conv output is zeroed outside the image (`masked_dense_apply`),
+the flip mirrors the image inside its own width, and the score map is averaged
+over the cells the image alone would produce (⌈h/32⌉−k+1 by ⌈w/32⌉−k+1, k =
+crop_size/32): the result is the per-image computation's, up to float summation
+order (tested; bench/RESULTS.md, "Dense evaluation fidelity", measures the
+unmasked bucketing it replaced). An image more elongated than ``max_aspect``
+gets a canvas of its own shape on one process; with several processes (which
+must agree on a fixed list of shapes) it is centre-cropped along its long side
+to the largest canvas — the one approximation left. ``dense_buckets='exact'``
+compiles one shape per distinct image shape instead (single process).
 
 Batches: every process runs the same sequence of batches (a few integers are
 all-gathered per chunk of input to agree on it), padded with masked rows; the
@@ -39,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +50,7 @@ from vgg_jax import models, parallel, preprocess, protocols
 from vgg_jax.progress import Progress, format_eta
 
 Key = tuple[str, int, tuple[int, int]]  # (method, Q, shape): one compiled input shape, one queue
+CANVAS_METHODS = ("dense", "descriptor")  # whole images on canvases; the others are crops
 
 
 def default_mesh() -> Mesh:
@@ -60,21 +61,57 @@ def default_mesh() -> Mesh:
 _JIT_CACHE: dict[Any, Callable[..., Any]] = {}
 
 
-def _compiled(kind: str, model: models.VGG, mean_rgb: tuple[float, ...], mesh: Mesh) -> Callable[..., Any]:
-    """One jitted function per (kind, net, mesh); jit's own cache then holds one executable per shape."""
-    key = (kind, repr(model), mean_rgb, mesh)
+def masked_dense_apply(
+    model: models.VGG, params: Any, x: jax.Array, heights: jax.Array, widths: jax.Array, **kwargs: Any
+) -> Any:
+    """`model.apply(dense=True)` on canvases that hold each image top-left, computed as on the image alone.
+
+    Every conv's input and output are zeroed outside the image's region at their resolution (⌈h/2^b⌉
+    rows in block b+1 with ceil-mode pools, ⌊h/2^b⌋ without): the conv sees the zeros that 'SAME'
+    padding gives the unpadded image, and a pool window that straddles the border takes
+    max(post-ReLU ≥ 0, 0), the value of the ceil-mode pool of the image alone. So the score-map
+    cells of the image are those of the exact per-image computation (up to float summation order; tested).
+    """
+
+    def mask_conv(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        name = context.module.name or ""
+        if context.method_name != "__call__" or not name.startswith("conv"):
+            return next_fun(*args, **kwargs)
+        pools, ceil = int(name[4 : name.index("_")]) - 1, model.dense_ceil_mode
+        rows, cols = protocols.pooled_size(heights, pools, ceil), protocols.pooled_size(widths, pools, ceil)
+        inside = protocols.top_left_mask(rows, cols, args[0].shape[1:3])[..., None]
+        # Input: what 'SAME' padding shows the image alone (a floor-mode pool leaks one row); output: so the
+        # next pool's window at the border sees max(x ≥ 0, 0) = x.
+        out = next_fun(args[0] * inside.astype(args[0].dtype), *args[1:], **kwargs)
+        return out * inside.astype(out.dtype)
+
+    with nn.intercept_methods(mask_conv):
+        return model.apply({"params": params}, x, dense=True, **kwargs)
+
+
+def _compiled(
+    kind: str, model: models.VGG, mean_rgb: tuple[float, ...], mesh: Mesh, flips: bool, layer: str = "fc7"
+) -> Callable[..., Any]:
+    """One jitted function per (kind, net, mesh, flips); jit's own cache then holds one executable per shape."""
+    key = (kind, repr(model), mean_rgb, mesh, flips, layer)
     if key in _JIT_CACHE:
         return _JIT_CACHE[key]
+    model = model.clone(remat=False)  # inference: no backward pass; the interceptor stays outside lifted scopes
 
     def dense(params, images, sizes, meta):
         # images: (B, H, W, 3) uint8 canvases; sizes: (B, 2) the (h, w) of the image in the top-left corner.
         inside = protocols.top_left_mask(sizes[:, 0], sizes[:, 1], images.shape[1:3])
         x = jnp.where(inside[..., None], preprocess.preprocess_for_model(images, mean_rgb=mean_rgb), 0.0)
-        scores = model.apply({"params": params}, protocols.with_flips(x, sizes[:, 1]), dense=True)
-        cells = protocols.top_left_mask(
-            *protocols.dense_map_size(sizes[:, 0], sizes[:, 1], model.crop_size), scores.shape[1:3]
-        )
-        return protocols.dense_flip_posterior(scores, cells), meta
+        both = jnp.concatenate([sizes, sizes]) if flips else sizes  # a flip keeps its image's size
+        x = protocols.with_flips(x, sizes[:, 1]) if flips else x
+        outputs = {"outputs": (layer,)} if kind == "descriptor" else {}
+        maps = masked_dense_apply(model, params, x, both[:, 0], both[:, 1], **outputs)
+        maps = maps[layer] if kind == "descriptor" else maps
+        map_size = protocols.dense_map_size(sizes[:, 0], sizes[:, 1], model.crop_size, model.dense_ceil_mode)
+        cells = protocols.top_left_mask(*map_size, maps.shape[1:3])
+        if kind == "descriptor":
+            return protocols.dense_flip_descriptor(maps, cells, flips), meta
+        return protocols.dense_flip_posterior(maps, cells, flips), meta
 
     def views(params, crops, meta):
         # crops: (B, V, c, c, 3) uint8: every view of each image (flips included), posteriors averaged over V.
@@ -84,7 +121,7 @@ def _compiled(kind: str, model: models.VGG, mean_rgb: tuple[float, ...], mesh: M
         return protocols.average_posteriors(logits, axis=1), meta
 
     replicated = NamedSharding(mesh, P())
-    function = jax.jit(dense if kind == "dense" else views, out_shardings=(replicated, replicated))
+    function = jax.jit(views if kind == "views" else dense, out_shardings=(replicated, replicated))
     _JIT_CACHE[key] = function
     return function
 
@@ -142,6 +179,8 @@ class _Scheduler:
         dense_buckets: str,
         canvases: Mapping[int, list[tuple[int, int]]],
         progress: _ProgressLog,
+        flips: bool = True,
+        layer: str = "fc7",
     ):
         self.model, self.mesh, self.grid, self.batch_size = model, mesh, grid, batch_size
         self.methods, self.scales = tuple(methods), list(scales)
@@ -149,8 +188,11 @@ class _Scheduler:
         self.crop, self.processes = model.crop_size, jax.process_count()
         self.params = _replicate(params, mesh)
         self.data_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-        self.functions = {kind: _compiled(kind, model, mean_rgb, mesh) for kind in ("dense", "views")}
-        self.static_keys = None if dense_buckets == "exact" else self._all_keys()
+        self.flips, self.views_per_scale = flips, grid * grid * (1 + int(flips))
+        kinds = ("dense", "descriptor", "views")
+        self.functions = {kind: _compiled(kind, model, mean_rgb, mesh, flips, layer) for kind in kinds}
+        # Several processes must agree on the batches, so they share a fixed key list; one process queues any shape.
+        self.static_keys = None if dense_buckets == "exact" or self.processes == 1 else self._all_keys()
         self.progress = progress
         self.queues: dict[Key, list[_Item]] = {}
         self.pending: list[tuple[str, Any]] = []
@@ -162,7 +204,7 @@ class _Scheduler:
         keys = []
         for method in self.methods:
             for q in self.scales:
-                shapes = self.canvases[q] if method == "dense" else [(self.crop, self.crop)]
+                shapes = self.canvases[q] if method in CANVAS_METHODS else [(self.crop, self.crop)]
                 keys += [(method, q, tuple(shape)) for shape in shapes]
         return keys
 
@@ -179,9 +221,11 @@ class _Scheduler:
                         f"example {index}: rescaled to Q={q} it is {image.shape[:2]}, smaller than crop {self.crop}"
                     )
                 key, item = (method, q, (self.crop, self.crop)), _Item(index, label, image)
-                if method == "dense":
-                    exact = self.dense_buckets == "exact"
-                    canvas = image.shape[:2] if exact else protocols.choose_canvas(*image.shape[:2], self.canvases[q])
+                if method in CANVAS_METHODS:
+                    canvas = protocols.choose_canvas(*image.shape[:2], self.canvases[q])
+                    fits = canvas[0] >= image.shape[0] and canvas[1] >= image.shape[1]
+                    if self.dense_buckets == "exact" or (not fits and self.processes == 1):
+                        canvas = image.shape[:2]  # its own shape: exact, one more compilation
                     data, size = protocols.place_on_canvas(image, canvas)
                     key, item = (method, q, tuple(canvas)), _Item(index, label, data, size)
                 self.queues.setdefault(key, []).append(item)
@@ -209,8 +253,8 @@ class _Scheduler:
 
     def finish(self) -> dict[str, Any]:
         """Collects the batches in flight; {'indices', 'labels', 'posteriors': {method: (N, C)}} sorted by index."""
-        for method, outputs in self.pending:
-            self._collect(method, outputs)
+        for pending in self.pending:
+            self._collect(*pending)
         self.pending = []
         self.progress.log(final=True)
         indices = np.array(sorted(self.labels), np.int64)
@@ -220,6 +264,10 @@ class _Scheduler:
             missing = [i for i in indices.tolist() if self.counts[method].get(i) != len(self.scales)]
             if missing:
                 raise RuntimeError(f"{method}: examples {missing[:5]} were not evaluated once per scale")
+            if method == "descriptor":
+                per_scale = [[self.sums[method][i][q] for q in self.scales] for i in indices.tolist()]
+                result["descriptors"] = np.asarray(per_scale, np.float32)  # (N, scales, F)
+                continue
             mean = [self.sums[method][i] / len(self.scales) for i in indices.tolist()]
             result["posteriors"][method] = np.stack(mean).astype(np.float32)
         return result
@@ -229,10 +277,10 @@ class _Scheduler:
     def _images_per_step(self, key: Key) -> int:
         """Dense: about `batch_size` crops' worth of pixels; multi-crop: batch_size / 50 images."""
         method, _, (height, width) = key
-        if method == "dense":
-            wanted = self.batch_size * self.crop * self.crop // (2 * height * width)
+        if method in CANVAS_METHODS:
+            wanted = self.batch_size * self.crop * self.crop // ((1 + int(self.flips)) * height * width)
         elif method == "multicrop":
-            wanted = self.batch_size // (2 * self.grid * self.grid)
+            wanted = self.batch_size // self.views_per_scale
         else:
             wanted = self.batch_size
         devices = self.mesh.devices.size
@@ -240,13 +288,13 @@ class _Scheduler:
 
     def _item_shape(self, key: Key) -> tuple[int, ...]:
         method, _, shape = key
-        if method == "dense":
+        if method in CANVAS_METHODS:
             return (*shape, 3)
-        return (2 * self.grid * self.grid if method == "multicrop" else 1, self.crop, self.crop, 3)
+        return (self.views_per_scale if method == "multicrop" else 1, self.crop, self.crop, 3)
 
     def _views(self, method: str, item: _Item) -> np.ndarray:
         if method == "multicrop":
-            return protocols.multicrop_views(item.data, self.crop, self.grid)
+            return protocols.multicrop_views(item.data, self.crop, self.grid, flips=self.flips)
         if method == "center_crop":
             return protocols.center_crop(item.data, self.crop)[None]
         return item.data
@@ -260,23 +308,26 @@ class _Scheduler:
             meta[row] = (item.index, item.label, 1)
             data[row] = self._views(method, item)
         arrays = [data, meta]
-        if method == "dense":
+        if method in CANVAS_METHODS:
             sizes = np.tile(np.asarray(key[2], np.int32), (local, 1))
             sizes[: len(items)] = [item.size for item in items]
             arrays.insert(1, sizes)
         global_arrays = [jax.make_array_from_process_local_data(self.data_sharding, a) for a in arrays]
-        function = self.functions["dense" if method == "dense" else "views"]
-        self.pending.append((method, function(self.params, *global_arrays)))
+        function = self.functions[method if method in CANVAS_METHODS else "views"]
+        self.pending.append((method, key[1], function(self.params, *global_arrays)))
         if len(self.pending) > 1:
             self._collect(*self.pending.pop(0))
 
-    def _collect(self, method: str, outputs: Any) -> None:
-        posteriors, meta_out = jax.device_get(outputs)
+    def _collect(self, method: str, scale: int, outputs: Any) -> None:
+        values, meta_out = jax.device_get(outputs)
         valid = meta_out[:, 2] == 1
         indices, labels = meta_out[valid, 0].tolist(), meta_out[valid, 1].tolist()
         sums, counts = self.sums[method], self.counts[method]
-        for index, label, posterior in zip(indices, labels, posteriors[valid], strict=True):
-            sums[index] = sums[index] + posterior if index in sums else np.array(posterior, np.float32)
+        for index, label, value in zip(indices, labels, values[valid], strict=True):
+            if method == "descriptor":  # kept per scale: App. B averages or stacks them
+                sums.setdefault(index, {})[scale] = np.array(value, np.float32)
+            else:
+                sums[index] = sums[index] + value if index in sums else np.array(value, np.float32)
             counts[index] = counts.get(index, 0) + 1
             self.labels[index] = label
         self.progress.update(int(valid.sum()))
@@ -326,17 +377,24 @@ def run_evaluation(
     total_examples: int | None = None,
     name: str = "eval",
     log_every_s: float = 10.0,
+    flips: bool = True,
+    layer: str = "fc7",
 ) -> dict[str, Any]:
     """Per-example posteriors of this process's `examples` (every process gets everyone's); paper §3.2.
 
     `examples` yields {'index', 'label', 'scaled': {Q: uint8 (h, w, 3) rescaled to Q}}.
-    `methods` ⊆ ('dense', 'multicrop', 'center_crop'); `batch_size` is the
+    `methods` ⊆ ('dense', 'multicrop', 'center_crop', 'descriptor'); `batch_size` is the
     global batch in crops: a multi-crop step holds batch_size/50 images, a
     dense step about the same number of pixels (both rounded to a multiple of
-    the device count). Returns {'indices', 'labels', 'posteriors': {method: (N, C)}},
-    rows sorted by index, each posterior averaged over `scales`.
+    the device count). `flips`: add the horizontal flips (dense, multi-crop, descriptor).
+    Returns {'indices', 'labels', 'posteriors': {method: (N, C)}}, rows sorted
+    by index, each posterior averaged over `scales`; with 'descriptor' also
+    'descriptors' (N, len(scales), F): App. B's pooled `layer` per scale, not normalised.
     """
     protocols.check_scales(scales, model.crop_size)
+    unknown = set(methods) - {"dense", "multicrop", "center_crop", "descriptor"}
+    if unknown:
+        raise ValueError(f"unknown evaluation method(s) {sorted(unknown)}")
     if dense_buckets not in ("aspect", "exact"):
         raise ValueError(f"dense_buckets must be 'aspect' or 'exact', got {dense_buckets!r}")
     if dense_buckets == "exact" and jax.process_count() > 1:
@@ -353,6 +411,8 @@ def run_evaluation(
         dense_buckets=dense_buckets,
         canvases={q: protocols.dense_canvases(q, max_aspect=max_aspect, num_buckets=num_buckets) for q in scales},
         progress=_ProgressLog(name, total_examples, len(methods) * len(scales), log_every_s),
+        flips=flips,
+        layer=layer,
     )
     local_chunk = chunk_examples or max(8, batch_size // jax.process_count())
     iterator = iter(examples)
