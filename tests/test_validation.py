@@ -286,7 +286,11 @@ def test_validation_imports_neither_jax_nor_tensorflow():
     # Loaded by path so that the vgg_jax package (which imports the models) is not imported.
     code = textwrap.dedent(
         f"""
-        import importlib.util, sys
+        import importlib.util, sys, types
+        # Bare stand-ins for the packages, so that `from vgg_jax.configs.specs import …` loads just that file.
+        for name, path in (("vgg_jax", "vgg_jax"), ("vgg_jax.configs", "vgg_jax/configs")):
+            package = sys.modules[name] = types.ModuleType(name)
+            package.__path__ = [{str(REPO)!r} + "/" + path]
         spec = importlib.util.spec_from_file_location("validation", {str(REPO / "vgg_jax/configs/validation.py")!r})
         module = sys.modules["validation"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
