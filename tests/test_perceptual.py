@@ -3,6 +3,7 @@ named conv-stage activation, at non-square sizes other than 224; gradients again
 Gram matrices, losses, presets, bfloat16, image sizes; and no TensorFlow import.
 """
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -30,90 +31,127 @@ def _assert_close(ours, theirs, name, rtol=1e-4):
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
-def _torchvision():
-    torch = pytest.importorskip("torch")
-    try:
-        import torchvision
-    except Exception as error:  # noqa: BLE001 (a torchvision built for another torch fails with RuntimeError)
-        pytest.skip(f"torchvision not usable here: {error}")
-    return torch, torchvision
+# torchvision runs in a subprocess: imported after TensorFlow (which the Keras tests load) it can crash the
+# process (seen with torch 2.14 + torchvision 0.29 CUDA wheels: a segfault importing triton).
+_TORCH_SIDE = r"""
+import sys
+import numpy as np
+try:
+    import torch
+    import torchvision
+except Exception as error:  # noqa: BLE001 (a torchvision built for another torch raises RuntimeError)
+    print(f"SKIP {type(error).__name__}: {error}")
+    sys.exit(0)
+inputs = dict(np.load(sys.argv[1]))
+name, seed, layers = sys.argv[3], int(sys.argv[4]), sys.argv[5].split(",")
+torch.manual_seed(seed)
+net = getattr(torchvision.models, name)(weights=None).eval()  # torchvision's own VGG, random weights
+# A narrow head with torchvision's keys (classifier.0/3/6): the features are under test, not 120 M fc weights.
+fc = torch.nn.Linear
+net.classifier = torch.nn.Sequential(fc(512 * 7 * 7, 8), torch.nn.ReLU(), torch.nn.Dropout(), fc(8, 8),
+                                     torch.nn.ReLU(), torch.nn.Dropout(), fc(8, 3))
+with torch.no_grad():
+    for module in net.features:
+        if isinstance(module, torch.nn.Conv2d):
+            module.bias.normal_(0.0, 0.1)  # its init zeroes biases, which would hide a bias mix-up
+mean, std = inputs["mean"].astype(np.float32), inputs["std"].astype(np.float32)
 
+def normalised(images):
+    return torch.from_numpy(np.ascontiguousarray(((images - mean) / std).transpose(0, 3, 1, 2)))
 
-def _random_torchvision_vgg(torch, torchvision, name, seed):
-    """torchvision's own VGG with random weights, and non-zero biases (its init zeroes them, hiding bias bugs)."""
-    torch.manual_seed(seed)
-    net = getattr(torchvision.models, name)(weights=None).eval()
-    with torch.no_grad():
-        for module in net.features:
-            if isinstance(module, torch.nn.Conv2d):
-                module.bias.normal_(0.0, 0.1)
-    return net
-
-
-def _torch_features(torch, net, x):
-    """{our name: activation (NHWC)} walking torchvision's `features` (Conv2d, ReLU, …, MaxPool2d)."""
+def features(x):
     out, block, index = {}, 1, 1
     for module in net.features:
         x = module(x)
         if isinstance(module, torch.nn.Conv2d):
-            name = f"conv{block}_{index}"
+            layer = f"conv{block}_{index}"
         elif isinstance(module, torch.nn.ReLU):
-            name, index = f"relu{block}_{index}", index + 1
+            layer, index = f"relu{block}_{index}", index + 1
         else:
-            name, block, index = f"pool{block}", block + 1, 1
-        out[name] = x.clone()  # torchvision's ReLUs are in place: keep the pre-activation as it was
+            layer, block, index = f"pool{block}", block + 1, 1
+        out[layer] = x.clone()  # torchvision's ReLUs are in place: keep the pre-activation as it was
     return out
 
+def gram(f):  # (N, C, H, W) -> sum of outer products / (C H W)
+    n, c, h, w = f.shape
+    flat = f.reshape(n, c, h * w)
+    return flat @ flat.transpose(1, 2) / (c * h * w)
 
-def _torch_inputs(torch, images01):
-    x = (images01 - np.asarray(convert.TORCHVISION_MEAN, np.float32)) / np.asarray(convert.TORCHVISION_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+result = {f"state/{k}": v.numpy() for k, v in net.state_dict().items()}
+x = normalised(inputs["x"]).requires_grad_(True)
+fx = features(x)
+result.update({f"features/{k}": v.detach().numpy().transpose(0, 2, 3, 1) for k, v in fx.items()})
+if "y" in inputs:
+    with torch.no_grad():
+        fy = features(normalised(inputs["y"]))
+    style = sum(((gram(fx[k]) - gram(fy[k])) ** 2).sum(dim=(1, 2)).mean() for k in layers)
+    loss = style + sum(((fx[k] - fy[k]) ** 2).mean() for k in layers)
+    loss.backward()
+    result["loss"] = loss.detach().numpy()
+    result["grad"] = x.grad.numpy().transpose(0, 2, 3, 1) / std  # d/d(image in [0, 1])
+np.savez(sys.argv[2], **result)
+print("OK")
+"""
+
+
+def _run_torchvision(tmp_path, name, seed, layers=(), **images):
+    """torchvision's side in a fresh process: its state dict, features (NHWC), and loss/gradient if y is given."""
+    np.savez(
+        tmp_path / "in.npz",
+        mean=np.asarray(convert.TORCHVISION_MEAN),
+        std=np.asarray(convert.TORCHVISION_STD),
+        **images,
+    )
+    command = [
+        sys.executable,
+        "-c",
+        _TORCH_SIDE,
+        str(tmp_path / "in.npz"),
+        str(tmp_path / "out.npz"),
+        name,
+        str(seed),
+        ",".join(layers),
+    ]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    if run.stdout.startswith("SKIP"):
+        pytest.skip(f"torchvision not usable here: {run.stdout.strip()}")
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+    out = dict(np.load(tmp_path / "out.npz"))
+    state = {k[len("state/") :]: v for k, v in out.items() if k.startswith("state/")}
+    features = {k[len("features/") :]: v for k, v in out.items() if k.startswith("features/")}
+    return state, features, out
 
 
 @pytest.mark.parametrize("name,variant,size", [("vgg16", "D", (40, 72)), ("vgg19", "E", (96, 64))])
-def test_features_match_torchvision_at_every_layer(name, variant, size):
-    torch, torchvision = _torchvision()
-    net = _random_torchvision_vgg(torch, torchvision, name, seed=0)
-    params = convert.from_torchvision_state_dict(net.state_dict(), variant)
-    ours_net = perceptual.VGGFeatures(variant=variant, layers=_conv_stage(variant), mean_rgb=TORCHVISION_MEAN_RGB)
+def test_features_match_torchvision_at_every_layer(tmp_path, name, variant, size):
+    pytest.importorskip("torch")
     images = np.random.default_rng(0).random((2, *size, 3), dtype=np.float32)
-    ours = jax.jit(ours_net.__call__)(perceptual.conv_params(params), images)
-    with torch.no_grad():
-        theirs = _torch_features(torch, net, _torch_inputs(torch, images))
+    state, theirs, _ = _run_torchvision(tmp_path, name, 0, x=images)
+    params = perceptual.conv_params(convert.from_torchvision_state_dict(state, variant))
+    ours_net = perceptual.VGGFeatures(variant=variant, layers=_conv_stage(variant), mean_rgb=TORCHVISION_MEAN_RGB)
+    ours = jax.jit(ours_net.__call__)(params, images)
     assert set(theirs) == set(ours)
     for layer in _conv_stage(variant):
-        _assert_close(ours[layer], theirs[layer].numpy().transpose(0, 2, 3, 1), layer)
+        _assert_close(ours[layer], theirs[layer], layer)
 
 
-def test_loss_gradients_match_pytorch_autograd():
+def test_loss_gradients_match_pytorch_autograd(tmp_path):
     """Style + perceptual loss of VGG-19 (Gatys' layers) and its gradient w.r.t. the image, both frameworks."""
-    torch, torchvision = _torchvision()
-    tv = _random_torchvision_vgg(torch, torchvision, "vgg19", seed=1)
-    params = perceptual.conv_params(convert.from_torchvision_state_dict(tv.state_dict(), "E"))
+    pytest.importorskip("torch")
     layers = perceptual.PRESETS["gatys_style"].layers
-    net = perceptual.VGGFeatures(variant="E", layers=layers, mean_rgb=TORCHVISION_MEAN_RGB)
     rng = np.random.default_rng(1)
     x, y = rng.random((2, 48, 40, 3), dtype=np.float32), rng.random((2, 48, 40, 3), dtype=np.float32)
+    state, _, theirs = _run_torchvision(tmp_path, "vgg19", 1, layers, x=x, y=y)
+    params = perceptual.conv_params(convert.from_torchvision_state_dict(state, "E"))
+    net = perceptual.VGGFeatures(variant="E", layers=layers, mean_rgb=TORCHVISION_MEAN_RGB)
 
     def ours(images):
         return perceptual.style_loss(net, params, images, y) + perceptual.perceptual_loss(net, params, images, y)
 
     value, grad = jax.jit(jax.value_and_grad(ours))(x)
-
-    def gram(f):  # (N, C, H, W) → Σ φφᵀ / (C·H·W)
-        n, c, h, w = f.shape
-        flat = f.reshape(n, c, h * w)
-        return flat @ flat.transpose(1, 2) / (c * h * w)
-
-    tx = _torch_inputs(torch, x).requires_grad_(True)
-    fx, fy = _torch_features(torch, tv, tx), _torch_features(torch, tv, _torch_inputs(torch, y))
-    loss = sum(((gram(fx[k]) - gram(fy[k].detach())) ** 2).sum(dim=(1, 2)).mean() for k in layers)
-    loss = loss + sum(((fx[k] - fy[k].detach()) ** 2).mean() for k in layers)
-    loss.backward()
-    # d/d(image in [0,1]) = d/d(normalised input) / std.
-    theirs = tx.grad.numpy().transpose(0, 2, 3, 1) / np.asarray(convert.TORCHVISION_STD, np.float32)
-    _assert_close(value, loss.item(), "loss", rtol=1e-4)
-    _assert_close(grad, theirs, "gradient", rtol=2e-3)
+    _assert_close(value, theirs["loss"], "loss", rtol=1e-4)
+    _assert_close(grad, theirs["grad"], "gradient", rtol=2e-3)
 
 
 @pytest.mark.parametrize("application,variant", [("VGG16", "D"), ("VGG19", "E")])
@@ -148,19 +186,21 @@ def test_features_match_keras_notop_at_every_layer(tmp_path, application, varian
 
 @pytest.fixture(scope="module")
 def narrow():
-    """A narrow random VGG-19 (width 1/8): fast, and its features behave like the full net's."""
-    model = models.VGG(variant="E", width_multiplier=1 / 8, fc_width=8, num_classes=3)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
-    net = perceptual.VGGFeatures(variant="E", layers=perceptual.PRESETS["gatys_style"].layers, width_multiplier=1 / 8)
-    return net, params
+    """A narrow random VGG-11 (config A, width 1/8) with Gatys' layers: fast; the loss code is the same for all."""
+    layers = perceptual.PRESETS["gatys_style"].layers
+    model = models.VGG(variant="A", width_multiplier=1 / 8)
+    init = jax.jit(model.init, static_argnames="outputs")  # conv1_1 … conv5_1 only: what the features use
+    params = init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), outputs=layers)
+    net = perceptual.VGGFeatures(variant="A", layers=layers, width_multiplier=1 / 8)
+    return net, params["params"]
 
 
 def test_any_size_the_layers_allow_and_clear_errors(narrow):
     net, params = narrow
     images = jnp.full((1, 128, 96, 3), 0.5)
-    features = net(params, images, ["conv1_1", "relu2_2"])  # 128×96: not the crop size; only convs asked for
-    assert features["conv1_1"].shape == (1, 128, 96, 8) and features["relu2_2"].shape == (1, 64, 48, 16)
-    assert float(features["conv1_1"].min()) < 0 <= float(features["relu2_2"].min())  # pre- vs post-ReLU
+    features = net(params, images, ["conv1_1", "relu2_1"])  # 128×96: not the crop size; only convs asked for
+    assert features["conv1_1"].shape == (1, 128, 96, 8) and features["relu2_1"].shape == (1, 64, 48, 16)
+    assert float(features["conv1_1"].min()) < 0 <= float(features["relu2_1"].min())  # pre- vs post-ReLU
     assert net.min_size() == 16 and net.min_size(["pool5"]) == 32
     assert net(params, jnp.zeros((1, 16, 17, 3)))["relu5_1"].shape == (1, 1, 1, 64)
     with pytest.raises(ValueError, match="relu5_1 needs images of at least 16x16"):
@@ -170,7 +210,7 @@ def test_any_size_the_layers_allow_and_clear_errors(narrow):
     with pytest.raises(ValueError, match="unknown input range"):
         perceptual.VGGFeatures(input_range="0-1")
     with pytest.raises(ValueError, match="the crop head expects"):  # the classifier still checks its crop
-        models.VGG(variant="E", width_multiplier=1 / 8, fc_width=8, num_classes=3).apply({"params": params}, images)
+        models.VGG(variant="A", width_multiplier=1 / 8).apply({"params": params}, images)
 
 
 def test_input_ranges_are_the_same_images(narrow):
@@ -178,7 +218,7 @@ def test_input_ranges_are_the_same_images(narrow):
     images = np.random.default_rng(3).random((1, 32, 32, 3), dtype=np.float32)
     reference = net(params, images)
     for input_range, scaled in (("[-1,1]", images * 2 - 1), ("0-255", images * 255)):
-        other = perceptual.VGGFeatures(variant="E", layers=net.layers, width_multiplier=1 / 8, input_range=input_range)
+        other = dataclasses.replace(net, input_range=input_range)
         for layer, value in other(params, scaled).items():
             _assert_close(value, reference[layer], layer, rtol=1e-4)
 
@@ -220,7 +260,7 @@ def test_jit_grad_and_bfloat16(narrow):
     step = 1e-3 * grad / jnp.linalg.norm(grad)
     slope = (loss(net, params, x + step, y)[0] - loss(net, params, x - step, y)[0]) / (2 * 1e-3)
     _assert_close(slope, jnp.linalg.norm(grad), "directional derivative", rtol=2e-2)
-    half = perceptual.VGGFeatures(variant="E", layers=net.layers, width_multiplier=1 / 8, dtype=jnp.bfloat16)
+    half = dataclasses.replace(net, dtype=jnp.bfloat16)
     assert half(params, x)["relu3_1"].dtype == jnp.bfloat16
     value16, grad16 = loss(half, params, x, y)
     assert value16.dtype == jnp.float32 and grad16.dtype == jnp.float32

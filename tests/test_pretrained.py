@@ -200,3 +200,50 @@ def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(textwrap.dedent(block), "README.md", "exec"), namespace)  # noqa: S102
     assert np.isfinite(float(namespace["loss"]))
+
+
+def test_example_notebook_runs(monkeypatch):
+    """examples/pretrained.ipynb (committed with its outputs) runs top to bottom offline (nbclient)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = REPO / "examples" / "pretrained.ipynb"
+    committed = nbformat.read(path, as_version=4)
+    assert all(cell.get("outputs") for cell in committed.cells if cell.cell_type == "code"), "commit it executed"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    client = nbclient.NotebookClient(
+        committed, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
+    client.execute()
+    outputs = [output for cell in committed.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    text = "".join(output.get("text", "") for output in outputs if output.get("output_type") == "stream")
+    assert "classes: 1000 e.g. [('n01440764', 'tench')" in text and "loaded from the cache: True" in text
+    names = set(convert.imagenet_classes()[1])
+    predicted = re.search(r"^0: (.*)$", text, flags=re.M).group(1)
+    assert all(item.rsplit(" ", 1)[0] in names for item in predicted.split(", "))
+    losses = [float(value) for value in re.findall(r"after step \d: (\S+)", text)]
+    start = float(re.search(r"cat vs astronaut: (\S+)", text).group(1))
+    assert len(losses) == 3 and losses[-1] < start  # gradient steps lower the style loss
+
+
+def test_torchvision_file_checked_by_the_sha256_prefix_in_its_name(files, tmp_path, monkeypatch):
+    """torchvision's check (what torch.hub does): the file's SHA-256 starts with the 8 hex digits of its name."""
+    path = files["vgg16_notop"]
+    prefix = weight_files.digest(path)[:8]
+    pretrained.download(str(path), tmp_path / "ok", "sha256-prefix", prefix)
+    wrong = f"{(int(prefix, 16) + 1) % 16**8:08x}"
+    with pytest.raises(PretrainedError, match=f"sha256-prefix is {prefix}.*expected {wrong}"):
+        pretrained.download(str(path), tmp_path / "bad", "sha256-prefix", wrong)
+    torch = pytest.importorskip("torch")
+    state = weight_files.torchvision_state(weight_files.random_params("A", 4, num_classes=5, crop_size=64))
+    pth = tmp_path / "vgg11.pth"
+    torch.save({key: torch.from_numpy(value) for key, value in state.items()}, pth)
+    name = f"vgg11-{weight_files.digest(pth)[:8]}.pth"  # named as torchvision names its files
+    (tmp_path / "mirror").mkdir()
+    pth.rename(tmp_path / "mirror" / name)
+    entry = dataclasses.replace(
+        pretrained.WEIGHTS["torchvision", "vgg11"], url=f"https://example.invalid/{name}", digest=name[6:14]
+    )
+    monkeypatch.setitem(pretrained.WEIGHTS, ("torchvision", "vgg11"), entry)
+    monkeypatch.setenv(pretrained.URL_ENV, str(tmp_path / "mirror"))  # a local directory as the mirror
+    clf = vgg_jax.pretrained("vgg11", cache_dir=tmp_path / "cache")
+    assert clf.config.preprocessing.source == "torchvision" and clf.num_classes == 5

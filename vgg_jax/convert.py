@@ -587,9 +587,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = convert(args.source, args.weights, args.variant, args.out, class_names=names)
     except (ConversionError, FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")
+    head = f"{config.model.num_classes} classes, crop {config.crop_size}" if config.model.include_top else "no head"
     print(
-        f"wrote {args.out}: VGG-{args.variant} from {args.source} ({config.model.num_classes} classes, "
-        f"crop {config.crop_size}, mean_rgb {tuple(config.mean_rgb)}); load it with vgg_jax.load({args.out!r})"
+        f"wrote {args.out}: VGG-{args.variant} from {args.source} ({head}, mean_rgb {tuple(config.mean_rgb)}); "
+        f"load it with vgg_jax.load({args.out!r})"
     )
 
 

@@ -48,6 +48,7 @@ import dataclasses
 import datetime
 import hashlib
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -294,6 +295,11 @@ def fetch(
     if (run_dir / MARKER).is_file():  # complete by construction (renamed into place); no network needed
         return run_dir
     algorithm, digest = _expected_hash(entry, sha256)  # before any download or lock: refuse unverifiable files
+    if entry.filename.endswith(".pth") and importlib.util.find_spec("torch") is None:  # before 500 MB arrive
+        raise PretrainedError(
+            f"{entry.source}/{entry.name} is a PyTorch .pth file and reading it needs torch (`pip install torch`); "
+            f"source='timm' has the same weights as safetensors, read without torch (pass its sha256=)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / f".{key}.lock", lock_timeout):
         if (run_dir / MARKER).is_file():  # another process finished while we waited
