@@ -4,6 +4,7 @@ Gram matrices, losses, presets, bfloat16, image sizes; and no TensorFlow import.
 """
 
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
@@ -302,3 +303,17 @@ def test_no_tensorflow_or_torch_import(tmp_path):
     result = subprocess.run([sys.executable, "-c", _NO_TF, *args], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED []" in result.stdout, result.stdout
+
+
+def test_perceptual_benchmark_tiny_runs(tmp_path):
+    """bench/perceptual.py is code too: its smoke mode runs (with PyTorch where installed) and reports."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, str(REPO / "bench" / "perceptual.py"), "--tiny", f"--json={out}"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["ours_s"] > 0 and "load average" in run.stdout
+    if "torch_s" in result:  # the same loss in both frameworks
+        assert result["ratio_ours_over_torch"] > 0
+        np.testing.assert_allclose(result["ours_loss"], result["torch_loss"], rtol=1e-4)

@@ -82,7 +82,6 @@ from vgg_jax.preprocess import CAFFE_MEAN_RGB
 SOURCES = ("keras", "torchvision", "timm")
 KERAS_VARIANTS = {"D": "VGG16", "E": "VGG19"}
 TORCHVISION_VARIANTS = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
-TIMM_VARIANTS = TORCHVISION_VARIANTS  # timm's vggNN.tv_in1k are torchvision's weights
 IMAGENET_CLASSES_FILE = pathlib.Path(__file__).resolve().parent / "assets" / "imagenet_classes.json"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
@@ -145,7 +144,7 @@ def _keras_to_ours(name: str) -> str | None:
 
 
 def from_keras_h5(path: str | os.PathLike, variant: str, *, absorb_preprocessing: bool = True) -> Params:
-    """Parameters of `variant` (D or E) from a Keras VGG16/VGG19 weight file.
+    """Parameters of `variant` (D or E) from a Keras VGG16/VGG19 weight file (notop: the conv layers only).
 
     With `absorb_preprocessing` (default) conv1_1 is made to take RGB input
     (its input channels reversed), so the network takes RGB minus
