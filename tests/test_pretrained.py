@@ -154,8 +154,13 @@ def test_notop_converts_features_work_classifier_says_absent(files, tmp_path):
 
 
 _WORKER = """
-import sys
+import logging, pathlib, sys, time
 from vgg_jax import pretrained
+logging.basicConfig(level=logging.INFO)
+barrier = pathlib.Path(sys.argv[4])
+(barrier / sys.argv[5]).touch()
+while len(list(barrier.iterdir())) < 2:  # both processes imported: start together
+    time.sleep(0.05)
 run = pretrained.fetch("vgg16_notop", "keras", cache_dir=sys.argv[1], url=sys.argv[2], sha256=sys.argv[3])
 print("RUN", run)
 """
@@ -165,17 +170,30 @@ def test_concurrent_first_calls_convert_once(files, tmp_path):
     """Two processes ask at once: one downloads and converts under the lock, the other waits and reuses it."""
     path = files["vgg16_notop"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    with weight_files.serve(files["root"], delay=1.0) as server:
-        args = [str(tmp_path / "cache"), f"{server.url}/{path.name}", weight_files.digest(path)]
-        workers = [
-            subprocess.Popen([sys.executable, "-c", _WORKER, *args], env=env, stdout=subprocess.PIPE, text=True)
-            for _ in range(2)
+    (tmp_path / "barrier").mkdir()
+    with weight_files.serve(files["root"], delay=1.0) as server:  # the download takes ≥ 1 s: the calls overlap
+        args = [
+            str(tmp_path / "cache"),
+            f"{server.url}/{path.name}",
+            weight_files.digest(path),
+            str(tmp_path / "barrier"),
         ]
-        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, *args, str(index)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for index in range(2)
+        ]
+        outputs = [worker.communicate(timeout=600) for worker in workers]
         assert [worker.returncode for worker in workers] == [0, 0], outputs
         assert server.requests == [f"/{path.name}"]  # one download (and so one conversion)
-    runs = {line for output in outputs for line in output.splitlines() if line.startswith("RUN ")}
+    runs = {line for out, _ in outputs for line in out.splitlines() if line.startswith("RUN ")}
     assert len(runs) == 1
+    assert sum("another process is downloading" in err for _, err in outputs) == 1  # one waited on the lock
 
 
 def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
