@@ -317,3 +317,89 @@ def test_perceptual_benchmark_tiny_runs(tmp_path):
     if "torch_s" in result:  # the same loss in both frameworks
         assert result["ratio_ours_over_torch"] > 0
         np.testing.assert_allclose(result["ours_loss"], result["torch_loss"], rtol=1e-4)
+
+
+_LPIPS_SIDE = r"""
+import sys
+import numpy as np
+try:
+    import lpips
+    import torch
+except Exception as error:  # noqa: BLE001
+    print(f"SKIP {type(error).__name__}: {error}")
+    sys.exit(0)
+inputs = dict(np.load(sys.argv[1]))
+torch.manual_seed(0)
+model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # random VGG-16 trunk, the published lin weights
+with torch.no_grad():
+    for name, parameter in model.net.named_parameters():
+        if name.endswith("bias"):
+            parameter.normal_(0.0, 0.1)
+    x, y = (torch.from_numpy(inputs[k].transpose(0, 3, 1, 2).copy()) for k in ("x", "y"))
+    distance = model(x, y).reshape(-1).numpy()
+state = {"features." + k.split(".", 1)[1]: v.numpy() for k, v in model.net.state_dict().items()}  # sliceK.I.*
+np.savez(sys.argv[2], distance=distance, **{f"state/{k}": v for k, v in state.items()})
+print("OK")
+"""
+
+
+def _full_width_d(seed):
+    model = models.VGG(variant="D")
+    init = jax.jit(model.init, static_argnames="outputs")
+    return init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), outputs=("relu5_3",))["params"]
+
+
+def test_lpips_matches_the_lpips_package(tmp_path):
+    """LPIPS v0.1 (VGG) against the `lpips` package itself: its trunk (random weights), its lin weights."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x, y = (rng.uniform(-1, 1, (2, 40, 56, 3)).astype(np.float32) for _ in range(2))
+    np.savez(tmp_path / "in.npz", x=x, y=y)
+    command = [sys.executable, "-c", _LPIPS_SIDE, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    )
+    if run.stdout.startswith("SKIP"):
+        pytest.skip(f"the lpips package is not usable here: {run.stdout.strip()}")
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+    out = dict(np.load(tmp_path / "out.npz"))
+    state = {k[len("state/") :]: v for k, v in out.items() if k.startswith("state/")}
+    head = {  # a tiny classifier: the converter wants torchvision's whole layout
+        "classifier.0.weight": np.zeros((2, 512 * 7 * 7), np.float32),
+        "classifier.0.bias": np.zeros(2, np.float32),
+        "classifier.3.weight": np.zeros((2, 2), np.float32),
+        "classifier.3.bias": np.zeros(2, np.float32),
+        "classifier.6.weight": np.zeros((3, 2), np.float32),
+        "classifier.6.bias": np.zeros(3, np.float32),
+    }
+    params = perceptual.conv_params(convert.from_torchvision_state_dict(state | head, "D"))
+    net = perceptual.VGGFeatures(
+        variant="D", layers=perceptual.PRESETS["lpips"].layers, mean_rgb=TORCHVISION_MEAN_RGB, input_range="[-1,1]"
+    )
+    _assert_close(jax.jit(perceptual.lpips, static_argnums=0)(net, params, x, y), out["distance"], "lpips", rtol=1e-4)
+
+
+def test_lpips_properties_and_checks():
+    params = _full_width_d(7)
+    layers = perceptual.PRESETS["lpips"].layers
+    net = perceptual.VGGFeatures(variant="D", layers=layers, mean_rgb=TORCHVISION_MEAN_RGB)
+    rng = np.random.default_rng(7)
+    x, y = rng.random((2, 32, 32, 3), dtype=np.float32), rng.random((2, 32, 32, 3), dtype=np.float32)
+    distance = jax.jit(perceptual.lpips, static_argnums=0)
+    d = distance(net, params, x, y)
+    assert d.shape == (2,) and np.all(np.asarray(d) > 0)
+    _assert_close(distance(net, params, y, x), d, "symmetric")
+    assert float(np.abs(distance(net, params, x, x)).max()) < 1e-6 * float(d.min())
+    names, weights = perceptual.lpips_weights()
+    assert names == layers and [w.shape[0] for w in weights] == [64, 128, 256, 512, 512]
+    assert all(float(w.min()) >= 0 for w in weights)  # LPIPS clamps its lin weights to be non-negative
+    # By hand: unit-normalise channels, weighted squared difference, mean over positions, sum over layers.
+    fx, fy = net(params, x), net(params, y)
+    by_hand = 0
+    for layer, weight in zip(names, weights, strict=True):
+        a = np.asarray(fx[layer]) / (np.linalg.norm(np.asarray(fx[layer]), axis=-1, keepdims=True) + 1e-10)
+        b = np.asarray(fy[layer]) / (np.linalg.norm(np.asarray(fy[layer]), axis=-1, keepdims=True) + 1e-10)
+        by_hand = by_hand + ((a - b) ** 2 @ np.asarray(weight)).mean(axis=(1, 2))
+    _assert_close(d, by_hand, "by hand")
+    with pytest.raises(ValueError, match="torchvision's VGG-16"):
+        perceptual.lpips(dataclasses.replace(net, mean_rgb=(123.68, 116.779, 103.939)), params, x, y)

@@ -9,7 +9,12 @@ their activations instead of their pixels:
   Style Transfer and Super-Resolution*, ECCV 2016, eq. 2);
 * **style loss** — squared Frobenius distance of Gram matrices of activations
   (Gatys et al., *Image Style Transfer Using CNNs*, CVPR 2016; normalised as
-  Johnson et al. eq. 3-4).
+  Johnson et al. eq. 3-4);
+* **LPIPS** (v0.1, VGG) — Zhang et al., *The Unreasonable Effectiveness of
+  Deep Features as a Perceptual Metric*, CVPR 2018: unit-normalised VGG-16
+  activations, squared differences weighted per channel by linear weights
+  learned from human judgements (shipped in ``vgg_jax/assets``, from the
+  ``lpips`` pip package), averaged over positions, summed over layers.
 
 Usage::
 
@@ -17,6 +22,8 @@ Usage::
     net, params = perceptual.pretrained("lpips")            # VGG-16 relu1_2 … relu5_3, images in [0, 1]
     loss = perceptual.perceptual_loss(net, params, x, y)    # x, y: float (N, H, W, 3) RGB
     grad = jax.grad(perceptual.style_loss, argnums=2)(net, params, x, style)
+    net, params = perceptual.pretrained("lpips", source="torchvision")
+    distances = perceptual.lpips(net, params, x, y)          # (N,) LPIPS v0.1
 
 `VGGFeatures` is a frozen (hashable) description of the network and input
 convention; its parameters are passed explicitly (close over them, or pass
@@ -36,14 +43,22 @@ No TensorFlow is imported by this module or by what it imports.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vgg_jax import models
 from vgg_jax.preprocess import CAFFE_MEAN_RGB
+
+LPIPS_FILE = pathlib.Path(__file__).resolve().parent / "assets" / "lpips_vgg_v0.1.json"
+# LPIPS calibrated its weights on torchvision's VGG-16, which takes ImageNet-normalised RGB.
+_TORCHVISION_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,4 +309,47 @@ def style_loss(
     for layer, weight in _weights(layers, weights).items():
         difference = ours[layer] - jnp.asarray(theirs[layer], jnp.float32)
         total = total + weight * jnp.mean(jnp.sum(jnp.square(difference), axis=(-2, -1)))
+    return total
+
+
+@functools.cache
+def lpips_weights() -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
+    """LPIPS v0.1's per-channel weights for VGG-16 relu1_2 … relu5_3: (layers, weights), non-negative.
+
+    From the ``lpips`` pip package (0.1.4, BSD-2-Clause, ``weights/v0.1/vgg.pth``); see the JSON's fields.
+    """
+    data = json.loads(LPIPS_FILE.read_text(encoding="utf-8"))
+    # NumPy, not jnp: a cached jnp array made while tracing would be a leaked tracer.
+    return tuple(data["layers"]), tuple(np.asarray(w, np.float32) for w in data["weights"])
+
+
+def _unit(features: jax.Array) -> jax.Array:
+    # LPIPS's normalize_tensor: divide by the channel L2 norm plus 1e-10 (not max(norm, eps)), as published.
+    features = features.astype(jnp.float32)
+    return features / (jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True)) + 1e-10)
+
+
+def lpips(net: VGGFeatures, params: Params, images: jax.Array, targets: jax.Array) -> jax.Array:
+    """LPIPS distance (Zhang et al. 2018, v0.1, VGG-16 trunk) of each image to its target: (N,) float32.
+
+    `net` must be the 'lpips' preset on torchvision's VGG-16 weights (what the
+    linear weights were calibrated on): ``perceptual.pretrained("lpips",
+    source="torchvision", input_range="[-1,1]")`` or any input range — the
+    images are mapped to torchvision's normalisation by `net` as usual.
+    """
+    layers, weights = lpips_weights()
+    if net.variant != "D" or net.width_multiplier != 1.0:
+        raise ValueError(
+            f"LPIPS is defined on VGG-16 (variant D, full width); got VGG-{net.variant} x{net.width_multiplier:g}"
+        )
+    if max(abs(ours - theirs) for ours, theirs in zip(net.mean_rgb, _TORCHVISION_MEAN_RGB, strict=True)) > 1e-3:
+        raise ValueError(
+            f"LPIPS's weights were calibrated on torchvision's VGG-16; this network's mean RGB {net.mean_rgb} is not "
+            "torchvision's: use perceptual.pretrained('lpips', source='torchvision') (or source='timm')"
+        )
+    ours, theirs = net(params, images, layers), net(params, targets, layers)
+    total = jnp.zeros(jnp.shape(images)[:1], jnp.float32)
+    for layer, weight in zip(layers, weights, strict=True):
+        difference = jnp.square(_unit(ours[layer]) - _unit(theirs[layer]))
+        total = total + jnp.mean(difference @ weight, axis=(1, 2))
     return total
