@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["vgg_jax", "vgg_jax.*"]),
     include_package_data=True,
+    package_data={"vgg_jax": ["assets/*.json"]},  # ImageNet class ids and names for converted weights
     install_requires=[
         "jax>=0.10",
         "flax>=0.10",
@@ -24,6 +25,8 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=10",
         "numpy>=1.26",
+        "h5py>=3.10",  # Keras weight files (vgg_jax.pretrained, vgg_jax.convert)
+        "safetensors>=0.4",  # timm / torchvision .safetensors files, read with NumPy (no torch)
     ],
     extras_require={
         "test": [

@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import vgg_jax  # noqa: E402
-from vgg_jax import convert, models, preprocess  # noqa: E402
+from vgg_jax import convert, models, perceptual, preprocess  # noqa: E402
 from vgg_jax.convert import ConversionError  # noqa: E402
 
 KERAS_SIZE = 64  # full widths, small images: a 2×2×512 map before fc1 still checks the flatten order
@@ -115,14 +115,32 @@ def test_keras_wrong_variant_is_a_clear_error(keras_files, tmp_path):
     assert not out.exists()  # nothing written on error
 
 
-def test_keras_notop_and_foreign_files_are_clear_errors(keras_files, tmp_path):
-    notop = tmp_path / "notop.weights.h5"
-    with h5py.File(keras_files["files"]["VGG16", "keras3"], "r") as source, h5py.File(notop, "w") as f:
+def _without_layers(source_path, path, dropped):
+    with h5py.File(source_path, "r") as source, h5py.File(path, "w") as f:
         for key, group in source["layers"].items():
-            if group["vars"].attrs["name"] not in ("fc1", "fc2", "predictions"):
+            if group["vars"].attrs["name"] not in dropped:
                 source.copy(group, f.require_group("layers"), name=key)
-    with pytest.raises(ConversionError, match="notop"):
-        convert.from_keras_h5(notop, "D")
+    return path
+
+
+def test_keras_notop_converts_and_foreign_files_are_clear_errors(keras_files, tmp_path):
+    full_path = keras_files["files"]["VGG16", "keras3"]
+    notop = _without_layers(full_path, tmp_path / "notop.weights.h5", ("fc1", "fc2", "predictions"))
+    params, full = convert.from_keras_h5(notop, "D"), convert.from_keras_h5(full_path, "D")
+    assert list(params) == models.conv_layer_names("D")
+    for layer in params:
+        np.testing.assert_array_equal(params[layer]["kernel"], full[layer]["kernel"])
+    config = convert.convert("keras", notop, "D", tmp_path / "run")
+    assert config.model.include_top is False and config.model.num_classes == 0 and config.class_names is None
+    classifier = vgg_jax.load(str(tmp_path / "run"))
+    crops = np.random.default_rng(5).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)  # the paper's crop size
+    by_full_file = perceptual.VGGFeatures(variant="D", layers=["pool5"], input_range="0-255")(full, crops)["pool5"]
+    _assert_logits_close(classifier.features(crops, "pool5"), np.asarray(by_full_file))
+    with pytest.raises(ValueError, match="no classifier head.*notop"):
+        classifier.predict(crops)
+    partial = _without_layers(full_path, tmp_path / "partial.weights.h5", ("fc2",))
+    with pytest.raises(ConversionError, match=r"missing layer\(s\) fc7 \(keras 'fc2'\)"):
+        convert.from_keras_h5(partial, "D")
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f.create_dataset("x", data=np.zeros(3))
@@ -259,3 +277,23 @@ def test_command_line_with_class_names(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the output exists now: refuse to overwrite
         convert.main(argv)
     assert "not empty" in capsys.readouterr().err
+
+
+def test_safetensors_files_read_without_torch(tmp_path):
+    """torchvision- and timm-layout .safetensors files (safetensors.numpy) give the state dict's parameters."""
+    import weight_files
+    from safetensors.numpy import save_file
+
+    state = weight_files.torchvision_state(weight_files.random_params("B", num_classes=7, crop_size=64))
+    expected = convert.from_torchvision_state_dict(state, "B")
+    save_file(state, str(tmp_path / "tv.safetensors"))
+    save_file(weight_files.timm_state(state, window=2), str(tmp_path / "timm.safetensors"))
+    for source, name in (("torchvision", "tv"), ("timm", "timm")):
+        config = convert.convert(source, tmp_path / f"{name}.safetensors", "B", tmp_path / name)
+        assert (config.crop_size, config.model.num_classes, config.preprocessing.source) == (64, 7, source)
+        params = vgg_jax.load(str(tmp_path / name)).params
+        for layer in expected:
+            np.testing.assert_array_equal(params[layer]["kernel"], expected[layer]["kernel"])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConversionError, match="not a readable .safetensors"):
+        convert.from_timm_safetensors(tmp_path / "bad.safetensors", "B")

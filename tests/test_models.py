@@ -157,6 +157,18 @@ def test_wrong_input_sizes_are_named():
         model.apply(params, jnp.zeros((1, 64, 64, 3)), outputs=["relu9_9"])
 
 
+def test_conv_activations_take_any_size_their_pools_allow():
+    """Only conv-stage outputs (perceptual losses): no crop-size check, one pixel after the pools suffices."""
+    model = _narrow("A", crop=64)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    acts = model.apply(params, jnp.zeros((1, 40, 24, 3)), outputs=["relu2_1", "pool3"])
+    assert acts["relu2_1"].shape[1:3] == (20, 12) and acts["pool3"].shape[1:3] == (5, 3)
+    with pytest.raises(ValueError, match="pool5 needs images of at least 32x32"):
+        model.apply(params, jnp.zeros((1, 31, 64, 3)), outputs=["pool5"])
+    with pytest.raises(ValueError, match="64x64"):  # asking for a head layer keeps the crop check
+        model.apply(params, jnp.zeros((1, 40, 24, 3)), outputs=["relu2_1", "fc6"])
+
+
 def test_named_activations_shapes():
     model = _narrow("D", crop=64)
     x = jnp.ones((2, 64, 64, 3))

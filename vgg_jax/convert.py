@@ -11,10 +11,25 @@ Sources:
   Layer names: ``block{b}_conv{i}`` → ``conv{b}_{i}``, ``fc1/fc2/predictions``
   → ``fc6/fc7/fc8``. Kernels are already HWIO / (in, out) and Keras' Flatten on
   NHWC gives the same (h, w, c) row order as ours.
+  Keras' ``include_top=False`` ("notop") files hold the conv layers only: they
+  convert to a network without fc6–fc8 (``config.model.include_top = False``)
+  whose activations up to ``pool5`` work and whose classifier raises.
 * **torchvision** ``vgg11/13/16/19`` state dicts (configs A, B, D, E; no
-  batch-norm variants), read with ``torch.load(..., weights_only=True)``:
+  batch-norm variants), read with ``torch.load(..., weights_only=True)`` (or,
+  for a ``.safetensors`` file, with ``safetensors.numpy``, without torch):
   conv OIHW → HWIO, linear (out, in) → (in, out), fc6's rows reordered from
   NCHW flattening (c, h, w) to NHWC flattening (h, w, c).
+* **timm** ``vggNN.tv_in1k`` ``model.safetensors`` (torchvision's weights in
+  timm's layout, read with ``safetensors.numpy``, no torch): ``features.*`` as
+  torchvision, fc6/fc7 stored as convolutions ``pre_logits.fc1/fc2`` (O, C, k, k)
+  and fc8 as ``head.fc``; mapped back to torchvision's keys, then as above.
+
+Weights with 1000 classes are ImageNet's (ILSVRC-2012, classes in sorted
+WordNet-id order in every source): their config carries the WordNet ids
+(``config.class_wnids``) and names (``config.class_names``) from
+``vgg_jax/assets/imagenet_classes.json``, which was built from the data files
+of the ``timm`` pip package (see its ``source`` field); ``--class_names``
+overrides the names.
 
 Preprocessing is absorbed into conv1_1 so that every run directory uses the
 project's convention (RGB, 0–255, minus ``config.mean_rgb``, no std):
@@ -25,7 +40,8 @@ project's convention (RGB, 0–255, minus ``config.mean_rgb``, no std):
 * torchvision: ``(x/255 - mean) / std`` = ``(x - 255·mean) / (255·std)``:
   ``mean_rgb`` = 255·mean and conv1_1's input channels are divided by 255·std.
   Exact, including the borders: the zero padding is applied after the
-  normalisation in both frameworks.
+  normalisation in both frameworks. timm's VGG weights are torchvision's, with
+  the same normalisation.
 
 The original preprocessing is recorded in ``config.preprocessing`` and in the
 checkpoint's ``meta``. Widths (``width_multiplier``, ``fc_width``), the number
@@ -38,10 +54,15 @@ Usage::
     python -m vgg_jax.convert --source=keras --weights=vgg16.weights.h5 --variant=D --out=runs/keras_vgg16
     python -m vgg_jax.convert --source=torchvision --weights=vgg19.pth --variant=E --out=runs/tv_vgg19 \\
         --class_names=imagenet_classes.txt
+    python -m vgg_jax.convert --source=timm --weights=model.safetensors --variant=D --out=runs/timm_vgg16
+
+`vgg_jax.pretrained` downloads, checks and converts the published files itself.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import pathlib
@@ -58,9 +79,10 @@ from vgg_jax import checkpoints, models, paths
 from vgg_jax.configs import common as configs_common
 from vgg_jax.preprocess import CAFFE_MEAN_RGB
 
-SOURCES = ("keras", "torchvision")
+SOURCES = ("keras", "torchvision", "timm")
 KERAS_VARIANTS = {"D": "VGG16", "E": "VGG19"}
 TORCHVISION_VARIANTS = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+IMAGENET_CLASSES_FILE = pathlib.Path(__file__).resolve().parent / "assets" / "imagenet_classes.json"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
 
@@ -122,7 +144,7 @@ def _keras_to_ours(name: str) -> str | None:
 
 
 def from_keras_h5(path: str | os.PathLike, variant: str, *, absorb_preprocessing: bool = True) -> Params:
-    """Parameters of `variant` (D or E) from a Keras VGG16/VGG19 weight file.
+    """Parameters of `variant` (D or E) from a Keras VGG16/VGG19 weight file (notop: the conv layers only).
 
     With `absorb_preprocessing` (default) conv1_1 is made to take RGB input
     (its input channels reversed), so the network takes RGB minus
@@ -152,11 +174,7 @@ def from_keras_h5(path: str | os.PathLike, variant: str, *, absorb_preprocessing
             f"{path}: layer(s) {unexpected} are not part of a Keras VGG16/VGG19 classifier (expected block<b>_conv<i>, "
             "fc1, fc2, predictions)"
         )
-    if "fc6" not in params and "conv1_1" in params:
-        raise ConversionError(
-            f"{path}: no 'fc1' layer — this looks like an include_top=False ('notop') file, which holds only the "
-            "convolutional layers; convert a file with the classifier (fc1, fc2, predictions)"
-        )
+    # No fc1/fc2/predictions: an include_top=False ("notop") file, the conv layers only (checked as such).
     params = dict(sorted(params.items(), key=lambda item: _layer_order(item[0])))
     _check_structure(params, variant, path, source="keras", names=_keras_names(variant))
     if absorb_preprocessing:
@@ -193,7 +211,10 @@ def _torchvision_indices(variant: str) -> list[int]:
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A torchvision state-dict file as NumPy arrays (``torch.load(..., weights_only=True)``)."""
+    """A state-dict file as NumPy arrays: ``.safetensors`` with safetensors.numpy (no torch), else
+    ``torch.load(..., weights_only=True)`` (never unpickling arbitrary objects)."""
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
     try:
         import torch
     except ImportError as error:
@@ -210,20 +231,69 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     }
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file as NumPy arrays, with ``safetensors.numpy`` (no torch, no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ConversionError(f"{path}: not a readable .safetensors file ({error})") from error
+
+
+def timm_to_torchvision_keys(state: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's VGG keys → torchvision's (the inverse of timm's ``vgg._filter_fn``).
+
+    timm runs fc6/fc7 as convolutions (``pre_logits.fc1``: (O, C, k, k);
+    ``pre_logits.fc2``: (O, I, 1, 1)) and names fc8 ``head.fc``; flattening a
+    (O, C, k, k) kernel gives torchvision's (O, C·k·k) rows in the same NCHW
+    order. Keys already in torchvision's layout pass through.
+    """
+    renames = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.3.", "head.fc.": "classifier.6."}
+    out = {}
+    for key, value in state.items():
+        new = key
+        for old, replacement in renames.items():
+            if key.startswith(old):
+                new = replacement + key[len(old) :]
+        if new in ("classifier.0.weight", "classifier.3.weight") and np.ndim(value) == 4:
+            value = np.reshape(np.asarray(value), (np.shape(value)[0], -1))
+        out[new] = value
+    return out
+
+
+def from_timm_safetensors(path_or_state: str | os.PathLike | Mapping[str, Any], variant: str) -> Params:
+    """Parameters of `variant` (A, B, D or E) from timm's ``vggNN.tv_in1k`` ``model.safetensors`` (no torch).
+
+    timm's weights are torchvision's (``tv_in1k``) with timm's key names; the
+    preprocessing (torchvision's mean/std) is absorbed as for torchvision.
+    """
+    if isinstance(path_or_state, str | os.PathLike):
+        origin, state = str(path_or_state), read_safetensors(path_or_state)
+    else:
+        origin, state = "timm state dict", dict(path_or_state)
+    return from_torchvision_state_dict(timm_to_torchvision_keys(state), variant, origin=origin)
+
+
 def from_torchvision_state_dict(
-    state_dict_or_path: Mapping[str, Any] | str | os.PathLike, variant: str, *, absorb_preprocessing: bool = True
+    state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
+    variant: str,
+    *,
+    absorb_preprocessing: bool = True,
+    origin: str | None = None,
 ) -> Params:
     """Parameters of `variant` (A, B, D or E) from a torchvision ``vgg11/13/16/19`` state dict (or its file).
 
     With `absorb_preprocessing` (default) conv1_1's input channels are divided
     by 255·std, so the network takes RGB 0–255 minus 255·mean (torchvision's
-    normalisation, exactly).
+    normalisation, exactly). `origin` names the weights in error messages.
     """
     if isinstance(state_dict_or_path, str | os.PathLike):
-        origin = str(state_dict_or_path)
+        origin = origin or str(state_dict_or_path)
         state = load_torch_state_dict(state_dict_or_path)
     else:
-        origin = "state dict"
+        origin = origin or "state dict"
         state = {
             k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
             for k, v in state_dict_or_path.items()
@@ -307,12 +377,23 @@ def _torchvision_key(variant: str, layer: str) -> str:
 # --------------------------------------------------------------------------- structure check, config
 
 
+def has_head(params: Params) -> bool:
+    """Whether `params` hold the classifier (fc6–fc8); Keras' notop files do not."""
+    return any(layer in params for layer in ("fc6", "fc7", "fc8"))
+
+
 def infer_hyperparameters(params: Params, variant: str) -> dict[str, Any]:
-    """width_multiplier, fc_width, num_classes, crop_size implied by the shapes of `params`."""
-    for layer in ("conv1_1", "fc6", "fc7", "fc8"):
+    """width_multiplier, fc_width, num_classes, crop_size implied by the shapes of `params`.
+
+    Without a head (a notop file) only the width is known: fc_width and
+    num_classes are 0 and crop_size the paper's 224 (it only matters to a head).
+    """
+    for layer in ("conv1_1", "fc6", "fc7", "fc8") if has_head(params) else ("conv1_1",):
         if layer not in params:
             raise ConversionError(f"layer {layer} is missing from the weights")
     width_multiplier = params["conv1_1"]["kernel"].shape[-1] / models.BLOCK_WIDTHS[0]
+    if not has_head(params):
+        return dict(width_multiplier=width_multiplier, fc_width=0, num_classes=0, crop_size=224)
     last = models.VGG(variant=variant, width_multiplier=width_multiplier).conv_widths()[-1]
     rows = params["fc6"]["kernel"].shape[0]
     window = math.isqrt(rows // last) if rows % last == 0 else 0
@@ -338,8 +419,11 @@ def expected_shapes(variant: str, **hyperparameters: Any) -> dict[str, dict[str,
 
 
 def _check_structure(params: Params, variant: str, origin: str, *, source: str, names: Mapping[str, str]) -> None:
-    """Every layer of `variant` present with the shape the inferred widths imply, and nothing else."""
-    wanted = models.layer_names(variant)
+    """Every layer of `variant` present with the shape the inferred widths imply, and nothing else.
+
+    A file without any fc layer is checked as the conv layers alone (a notop file).
+    """
+    wanted = models.layer_names(variant) if has_head(params) else models.conv_layer_names(variant)
 
     def described(layer: str) -> str:
         return f"{layer} ({source} {names[layer]!r})" if names.get(layer) else layer
@@ -350,7 +434,7 @@ def _check_structure(params: Params, variant: str, origin: str, *, source: str, 
         guesses = [
             v
             for v in (KERAS_VARIANTS if source == "keras" else TORCHVISION_VARIANTS)
-            if set(models.layer_names(v)) == set(params)
+            if set(models.layer_names(v)) == set(params) or set(models.conv_layer_names(v)) == set(params)
         ]
         hint = f"; the file's layers match variant {guesses[0]}" if guesses else ""
         problems = []
@@ -360,7 +444,8 @@ def _check_structure(params: Params, variant: str, origin: str, *, source: str, 
             problems.append("layer(s) not in VGG-" + variant + ": " + ", ".join(extra))
         raise ConversionError(f"{origin}: does not match VGG-{variant}: {'; '.join(problems)}{hint}")
     hyper = infer_hyperparameters(params, variant)
-    shapes = expected_shapes(variant, **hyper)
+    # A notop file has no head: any fc sizes will do for the shapes of the conv layers.
+    shapes = expected_shapes(variant, **(hyper if has_head(params) else dict(hyper, fc_width=1, num_classes=1)))
     for layer in wanted:
         for leaf in ("kernel", "bias"):
             got = tuple(params[layer][leaf].shape)
@@ -379,7 +464,7 @@ def preprocessing_record(source: str, weights: str) -> dict[str, str]:
         original = "Caffe: BGR channel order, 0-255, minus the BGR mean (103.939, 116.779, 123.68); no std"
         absorbed = "conv1_1 input channels reversed (BGR -> RGB); mean_rgb = (123.68, 116.779, 103.939)"
     else:
-        original = f"torchvision: RGB / 255, minus mean {TORCHVISION_MEAN}, divided by std {TORCHVISION_STD}"
+        original = f"{source}: RGB / 255, minus mean {TORCHVISION_MEAN}, divided by std {TORCHVISION_STD}"
         absorbed = "mean_rgb = 255 * mean; conv1_1 input channels divided by 255 * std"
     return dict(source=source, weights=os.path.basename(str(weights)), original=original, absorbed=absorbed)
 
@@ -392,9 +477,14 @@ def make_config(
     weights: str,
     class_names: Sequence[str] | None = None,
 ) -> ml_collections.ConfigDict:
-    """A full run config (the paper's recipe for `variant`) describing converted `params`."""
+    """A full run config (the paper's recipe for `variant`) describing converted `params`.
+
+    1000-class weights get ImageNet's WordNet ids and names (`imagenet_classes`)
+    unless `class_names` are given.
+    """
     hyper = infer_hyperparameters(params, variant)
     config = configs_common.get_config(variant)
+    config.model.include_top = has_head(params)
     config.model.width_multiplier = hyper["width_multiplier"]
     config.model.fc_width = hyper["fc_width"]
     config.model.num_classes = hyper["num_classes"]
@@ -405,6 +495,11 @@ def make_config(
         config.dataset = ""  # not ImageNet; unknown
     config.warm_start.layers = ()
     config.mean_rgb = CAFFE_MEAN_RGB if source == "keras" else tuple(round(255 * m, 6) for m in TORCHVISION_MEAN)
+    wnids = None
+    if hyper["num_classes"] == 1000:
+        wnids, imagenet_names = imagenet_classes()
+        class_names = imagenet_names if class_names is None else class_names
+    config.class_wnids = wnids
     if class_names is not None:
         class_names = list(class_names)
         if len(class_names) != hyper["num_classes"]:
@@ -435,6 +530,8 @@ def convert(
         raise FileExistsError(f"output directory {out} exists and is not empty; choose a new --out")
     if source == "keras":
         params = from_keras_h5(weights, variant)
+    elif source == "timm":
+        params = from_timm_safetensors(weights, variant)
     else:
         params = from_torchvision_state_dict(weights, variant)
     config = make_config(params, variant, source=source, weights=str(weights), class_names=class_names)
@@ -446,6 +543,22 @@ def convert(
     )
     checkpoints.save_params_only(out, params, config, meta=meta)
     return config
+
+
+@functools.cache
+def _imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    data = json.loads(IMAGENET_CLASSES_FILE.read_text(encoding="utf-8"))
+    return tuple(data["wnids"]), tuple(data["names"])
+
+
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    """The 1000 ILSVRC-2012 classes in class-index order: (WordNet ids, short names).
+
+    From ``vgg_jax/assets/imagenet_classes.json`` (built from the timm pip
+    package's data files; its ``source`` field says how).
+    """
+    wnids, names = _imagenet_classes()
+    return list(wnids), list(names)
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -461,8 +574,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--source", required=True, choices=SOURCES)
-    parser.add_argument("--weights", required=True, help="Keras .h5/.weights.h5 or torchvision .pth file")
-    parser.add_argument("--variant", required=True, help="D or E (keras); A, B, D or E (torchvision)")
+    parser.add_argument(
+        "--weights", required=True, help="Keras .h5/.weights.h5, torchvision .pth/.safetensors or timm .safetensors"
+    )
+    parser.add_argument("--variant", required=True, help="D or E (keras); A, B, D or E (torchvision, timm)")
     parser.add_argument("--out", required=True, help="run directory to create")
     parser.add_argument("--class_names", default=None, help="optional text file, one class name per line")
     args = parser.parse_args(argv)
@@ -471,9 +586,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = convert(args.source, args.weights, args.variant, args.out, class_names=names)
     except (ConversionError, FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")
+    head = f"{config.model.num_classes} classes, crop {config.crop_size}" if config.model.include_top else "no head"
     print(
-        f"wrote {args.out}: VGG-{args.variant} from {args.source} ({config.model.num_classes} classes, "
-        f"crop {config.crop_size}, mean_rgb {tuple(config.mean_rgb)}); load it with vgg_jax.load({args.out!r})"
+        f"wrote {args.out}: VGG-{args.variant} from {args.source} ({head}, mean_rgb {tuple(config.mean_rgb)}); "
+        f"load it with vgg_jax.load({args.out!r})"
     )
 
 

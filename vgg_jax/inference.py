@@ -123,6 +123,14 @@ class Classifier:
 
     # ------------------------------------------------------------------ jitted functions (cached per shape by jit)
 
+    def _require_head(self, layers: Sequence[str] = ("fc8",)) -> None:
+        """Keras' notop files convert without fc6–fc8: say so instead of a missing-parameter error."""
+        if not self.config.model.get("include_top", True) and {"fc6", "fc7", "fc8"} & set(layers):
+            raise ValueError(
+                "this network has no classifier head (fc6-fc8): it was converted from an include_top=False "
+                "('notop') file; logits/predict are unavailable, features() of conv/pool layers work"
+            )
+
     def _inputs(self, images: Any) -> jax.Array:
         return self._preprocess(images, mean_rgb=self.mean_rgb)
 
@@ -220,6 +228,7 @@ class Classifier:
 
     def logits(self, images: Any) -> np.ndarray:
         """uint8 RGB (N, crop, crop, 3) → float32 logits (N, classes)."""
+        self._require_head()
         images = self._check_images(images, crop=True)
         return self._map(self._logits_fn, images).astype(np.float32)
 
@@ -235,6 +244,7 @@ class Classifier:
 
         `flips` (dense): 'auto' averages with the mirrored image if the run trained with flips; 'yes'/'no'.
         """
+        self._require_head()
         if not dense:
             return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
         images = self._check_images(images, crop=False)
@@ -297,6 +307,7 @@ class Classifier:
             raise ValueError(
                 f"unknown layer(s) {unknown or layers} for VGG-{self.model.variant}; valid layers: {self.layers}"
             )
+        self._require_head(layers)
         if not dense:
             result = self._map(self._activation_fn(layers), self._check_images(images, crop=True))
         else:

@@ -19,6 +19,7 @@ NHWC-flattening order, so a (k, k, C, F) reshape is the equivalent conv kernel.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,35 @@ def feature_names(variant: str) -> list[str]:
                 names.append("norm1")
         names.append(f"pool{block + 1}")
     return names + ["fc6", "fc7", "fc8"]
+
+
+_HEAD_NAMES = ("fc6", "fc7", "fc8")
+
+
+def min_feature_size(names: Sequence[str]) -> int:
+    """Smallest image side for which every conv-stage activation in `names` is non-empty.
+
+    Block b (``convb_i``, ``relub_i``) sees the image after b − 1 2×2/2 max-pools
+    (paper §2.1) and ``poolb`` after b, each flooring the size.
+    """
+    need = 1
+    for name in names:
+        match = re.fullmatch(r"(?:conv|relu)(\d)_\d|pool(\d)|norm1", name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a conv-stage activation (convB_I, reluB_I, poolB, norm1)")
+        pools = int(match.group(1)) - 1 if match.group(1) else int(match.group(2) or 0)
+        need = max(need, 2**pools)
+    return need
+
+
+def _check_feature_size(height: int, width: int, names: set[str]) -> None:
+    need = min_feature_size(sorted(names))
+    if min(height, width) < need:
+        deepest = max(sorted(names), key=lambda name: min_feature_size([name]))
+        raise ValueError(
+            f"activation {deepest} needs images of at least {need}x{need} (one pixel after its max-pools), "
+            f"got {height}x{width}"
+        )
 
 
 def _check_variant(variant: str) -> str:
@@ -279,22 +309,26 @@ class VGG(nn.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"VGG expects NHWC RGB images (N, H, W, 3), got shape {x.shape}")
         height, width = x.shape[1:3]
-        if dense and min(height, width) < self.crop_size:
-            raise ValueError(
-                f"dense evaluation needs images of at least crop_size={self.crop_size} "
-                f"on each side, got {height}x{width}"
-            )
-        if not dense and (height, width) != (self.crop_size, self.crop_size):
-            raise ValueError(
-                f"the crop head expects {self.crop_size}x{self.crop_size} images, got "
-                f"{height}x{width}; use dense=True for whole images"
-            )
         wanted = set(outputs or ())
         unknown = wanted - set(feature_names(self.variant))
         if unknown:
             raise ValueError(
                 f"unknown activation name(s) {sorted(unknown)} for VGG-{self.variant}; "
                 f"known: {feature_names(self.variant)}"
+            )
+        if wanted and not wanted & set(_HEAD_NAMES):
+            # Conv-stage activations only (e.g. perceptual losses): the convs take any size, so the crop
+            # size does not matter; each requested block just needs at least one pixel after its pools.
+            _check_feature_size(height, width, wanted)
+        elif dense and min(height, width) < self.crop_size:
+            raise ValueError(
+                f"dense evaluation needs images of at least crop_size={self.crop_size} "
+                f"on each side, got {height}x{width}"
+            )
+        elif not dense and (height, width) != (self.crop_size, self.crop_size):
+            raise ValueError(
+                f"the crop head expects {self.crop_size}x{self.crop_size} images, got "
+                f"{height}x{width}; use dense=True for whole images"
             )
         captured: dict[str, jax.Array] = {}
 
