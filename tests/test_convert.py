@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import vgg_jax  # noqa: E402
-from vgg_jax import convert, models, perceptual, preprocess  # noqa: E402
+from vgg_jax import convert, models, perceptual, preprocess, weight_formats  # noqa: E402
 from vgg_jax.convert import ConversionError  # noqa: E402
 
 KERAS_SIZE = 64  # full widths, small images: a 2×2×512 map before fc1 still checks the flatten order
@@ -90,8 +90,8 @@ def test_keras_parity(keras_files, tmp_path, name, variant, layout):
 def test_keras_without_absorbing_preprocessing_differs(keras_files):
     """The BGR flip is what makes parity hold (the parity test can fail)."""
     path = keras_files["files"]["VGG16", "keras3"]
-    absorbed = convert.from_keras_h5(path, "D")
-    raw = convert.from_keras_h5(path, "D", absorb_preprocessing=False)
+    absorbed = weight_formats.from_keras_h5(path, "D")
+    raw = weight_formats.from_keras_h5(path, "D", absorb_preprocessing=False)
     np.testing.assert_array_equal(absorbed["conv1_1"]["kernel"], raw["conv1_1"]["kernel"][:, :, ::-1])
     np.testing.assert_array_equal(absorbed["fc6"]["kernel"], raw["fc6"]["kernel"])
     assert not np.allclose(absorbed["conv1_1"]["kernel"], raw["conv1_1"]["kernel"])
@@ -102,13 +102,13 @@ def test_keras_wrong_variant_is_a_clear_error(keras_files, tmp_path):
     with pytest.raises(
         ConversionError, match=r"missing layer\(s\) conv3_4 \(keras 'block3_conv4'\), conv4_4.*match variant D"
     ):
-        convert.from_keras_h5(files["VGG16", "keras3"], "E")
+        weight_formats.from_keras_h5(files["VGG16", "keras3"], "E")
     with pytest.raises(
         ConversionError, match=r"not in VGG-D: conv3_4, conv4_4, conv5_4; the file's layers match variant E"
     ):
-        convert.from_keras_h5(files["VGG19", "keras3"], "D")
+        weight_formats.from_keras_h5(files["VGG19", "keras3"], "D")
     with pytest.raises(ConversionError, match="VGG16 .variant D. and VGG19 .variant E. only"):
-        convert.from_keras_h5(files["VGG16", "keras3"], "A")
+        weight_formats.from_keras_h5(files["VGG16", "keras3"], "A")
     out = tmp_path / "never"
     with pytest.raises(ConversionError):
         convert.convert("keras", files["VGG19", "keras3"], "D", out)
@@ -126,7 +126,7 @@ def _without_layers(source_path, path, dropped):
 def test_keras_notop_converts_and_foreign_files_are_clear_errors(keras_files, tmp_path):
     full_path = keras_files["files"]["VGG16", "keras3"]
     notop = _without_layers(full_path, tmp_path / "notop.weights.h5", ("fc1", "fc2", "predictions"))
-    params, full = convert.from_keras_h5(notop, "D"), convert.from_keras_h5(full_path, "D")
+    params, full = weight_formats.from_keras_h5(notop, "D"), weight_formats.from_keras_h5(full_path, "D")
     assert list(params) == models.conv_layer_names("D")
     for layer in params:
         np.testing.assert_array_equal(params[layer]["kernel"], full[layer]["kernel"])
@@ -140,12 +140,12 @@ def test_keras_notop_converts_and_foreign_files_are_clear_errors(keras_files, tm
         classifier.predict(crops)
     partial = _without_layers(full_path, tmp_path / "partial.weights.h5", ("fc2",))
     with pytest.raises(ConversionError, match=r"missing layer\(s\) fc7 \(keras 'fc2'\)"):
-        convert.from_keras_h5(partial, "D")
+        weight_formats.from_keras_h5(partial, "D")
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f.create_dataset("x", data=np.zeros(3))
     with pytest.raises(ConversionError, match="not a Keras weight file"):
-        convert.from_keras_h5(foreign, "D")
+        weight_formats.from_keras_h5(foreign, "D")
 
 
 # --------------------------------------------------------------------------- torchvision layout
@@ -185,7 +185,9 @@ def _torch_vgg(torch, variant, width_multiplier, fc_width, num_classes, window):
 
 def _torchvision_normalise(torch, images):
     x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(convert.TORCHVISION_MEAN, np.float32)) / np.asarray(convert.TORCHVISION_STD, np.float32)
+    x = (x - np.asarray(weight_formats.TORCHVISION_MEAN, np.float32)) / np.asarray(
+        weight_formats.TORCHVISION_STD, np.float32
+    )
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
@@ -203,7 +205,7 @@ def test_torchvision_parity(tmp_path, variant, width_multiplier, crop):
     config = convert.convert("torchvision", path, variant, out)
     assert (config.crop_size, config.model.num_classes, config.model.fc_width) == (crop, 7, 32)
     assert config.model.width_multiplier == width_multiplier
-    np.testing.assert_allclose(config.mean_rgb, 255 * np.asarray(convert.TORCHVISION_MEAN), rtol=1e-6)
+    np.testing.assert_allclose(config.mean_rgb, 255 * np.asarray(weight_formats.TORCHVISION_MEAN), rtol=1e-6)
     images = np.random.default_rng(1).integers(0, 256, (2, crop, crop, 3), dtype=np.uint8)
     with torch.no_grad():
         theirs = net(_torchvision_normalise(torch, images)).numpy()
@@ -219,7 +221,7 @@ def _small_state_dict(torch, variant="D", crop=64):
 def test_torchvision_fc6_rows_are_reordered_to_nhwc():
     torch = pytest.importorskip("torch")
     state = _small_state_dict(torch)
-    params = convert.from_torchvision_state_dict(state, "D")
+    params = weight_formats.from_torchvision_state_dict(state, "D")
     weight = state["classifier.0.weight"].numpy()  # (F, C*2*2), NCHW order
     channels = weight.shape[1] // 4
     c, h, w, f = 5, 1, 0, 3
@@ -232,23 +234,23 @@ def test_torchvision_errors(tmp_path):
     torch = pytest.importorskip("torch")
     state = _small_state_dict(torch, "D")
     with pytest.raises(ConversionError, match=r"vgg19 \(variant E\) has 16 .*looks like vgg16 \(variant D\)"):
-        convert.from_torchvision_state_dict(state, "E")
+        weight_formats.from_torchvision_state_dict(state, "E")
     with pytest.raises(ConversionError, match="variants"):
-        convert.from_torchvision_state_dict(state, "C")
+        weight_formats.from_torchvision_state_dict(state, "C")
     bn = dict(state, **{"features.1.running_mean": torch.zeros(8)})
     with pytest.raises(ConversionError, match="batch-norm"):
-        convert.from_torchvision_state_dict(bn, "D")
+        weight_formats.from_torchvision_state_dict(bn, "D")
     bad = dict(state, **{"classifier.3.weight": torch.zeros(16, 17)})
     with pytest.raises(
         ConversionError, match=r"fc7 \(torchvision 'classifier.3'\) kernel has shape \(17, 16\).*\(16, 16\)"
     ):
-        convert.from_torchvision_state_dict(bad, "D")
+        weight_formats.from_torchvision_state_dict(bad, "D")
     bad = dict(state, **{"features.2.weight": torch.zeros(9, 8, 3, 3), "features.2.bias": torch.zeros(9)})
     with pytest.raises(ConversionError, match=r"conv1_2 \(torchvision 'features.2'\) kernel has shape \(3, 3, 8, 9\)"):
-        convert.from_torchvision_state_dict(bad, "D")
+        weight_formats.from_torchvision_state_dict(bad, "D")
     missing = {k: v for k, v in state.items() if k != "classifier.6.bias"}
     with pytest.raises(ConversionError, match="classifier.6.bias is missing"):
-        convert.from_torchvision_state_dict(missing, "D")
+        weight_formats.from_torchvision_state_dict(missing, "D")
     path = tmp_path / "vgg16.pth"
     torch.save(state, path)
     out = tmp_path / "out"
@@ -285,7 +287,7 @@ def test_safetensors_files_read_without_torch(tmp_path):
     from safetensors.numpy import save_file
 
     state = weight_files.torchvision_state(weight_files.random_params("B", num_classes=7, crop_size=64))
-    expected = convert.from_torchvision_state_dict(state, "B")
+    expected = weight_formats.from_torchvision_state_dict(state, "B")
     save_file(state, str(tmp_path / "tv.safetensors"))
     save_file(weight_files.timm_state(state, window=2), str(tmp_path / "timm.safetensors"))
     for source, name in (("torchvision", "tv"), ("timm", "timm")):
@@ -296,4 +298,4 @@ def test_safetensors_files_read_without_torch(tmp_path):
             np.testing.assert_array_equal(params[layer]["kernel"], expected[layer]["kernel"])
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConversionError, match="not a readable .safetensors"):
-        convert.from_timm_safetensors(tmp_path / "bad.safetensors", "B")
+        weight_formats.from_timm_safetensors(tmp_path / "bad.safetensors", "B")

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import convert, models, perceptual
+from vgg_jax import models, perceptual, weight_formats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TORCHVISION_MEAN_RGB = tuple(255 * m for m in convert.TORCHVISION_MEAN)
+TORCHVISION_MEAN_RGB = tuple(255 * m for m in weight_formats.TORCHVISION_MEAN)
 
 
 def _conv_stage(variant):
@@ -99,8 +99,8 @@ def _run_torchvision(tmp_path, name, seed, layers=(), **images):
     """torchvision's side in a fresh process: its state dict, features (NHWC), and loss/gradient if y is given."""
     np.savez(
         tmp_path / "in.npz",
-        mean=np.asarray(convert.TORCHVISION_MEAN),
-        std=np.asarray(convert.TORCHVISION_STD),
+        mean=np.asarray(weight_formats.TORCHVISION_MEAN),
+        std=np.asarray(weight_formats.TORCHVISION_STD),
         **images,
     )
     command = [
@@ -129,7 +129,7 @@ def test_features_match_torchvision_at_every_layer(tmp_path, name, variant, size
     pytest.importorskip("torch")
     images = np.random.default_rng(0).random((2, *size, 3), dtype=np.float32)
     state, theirs, _ = _run_torchvision(tmp_path, name, 0, x=images)
-    params = perceptual.conv_params(convert.from_torchvision_state_dict(state, variant))
+    params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state, variant))
     ours_net = perceptual.VGGFeatures(variant=variant, layers=_conv_stage(variant), mean_rgb=TORCHVISION_MEAN_RGB)
     ours = jax.jit(ours_net.__call__)(params, images)
     assert set(theirs) == set(ours)
@@ -144,7 +144,7 @@ def test_loss_gradients_match_pytorch_autograd(tmp_path):
     rng = np.random.default_rng(1)
     x, y = rng.random((2, 48, 40, 3), dtype=np.float32), rng.random((2, 48, 40, 3), dtype=np.float32)
     state, _, theirs = _run_torchvision(tmp_path, "vgg19", 1, layers, x=x, y=y)
-    params = perceptual.conv_params(convert.from_torchvision_state_dict(state, "E"))
+    params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state, "E"))
     net = perceptual.VGGFeatures(variant="E", layers=layers, mean_rgb=TORCHVISION_MEAN_RGB)
 
     def ours(images):
@@ -171,7 +171,7 @@ def test_features_match_keras_notop_at_every_layer(tmp_path, application, varian
     )
     path = tmp_path / "notop.weights.h5"
     model.save_weights(path)
-    params = convert.from_keras_h5(path, variant)
+    params = weight_formats.from_keras_h5(path, variant)
     assert "fc6" not in params
     names = [layer.name for layer in model.layers if "conv" in layer.name or "pool" in layer.name]
     probe = keras.Model(model.inputs, [model.get_layer(name).output for name in names])
@@ -372,7 +372,7 @@ def test_lpips_matches_the_lpips_package(tmp_path):
         "classifier.6.weight": np.zeros((3, 2), np.float32),
         "classifier.6.bias": np.zeros(3, np.float32),
     }
-    params = perceptual.conv_params(convert.from_torchvision_state_dict(state | head, "D"))
+    params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state | head, "D"))
     net = perceptual.VGGFeatures(
         variant="D", layers=perceptual.PRESETS["lpips"].layers, mean_rgb=TORCHVISION_MEAN_RGB, input_range="[-1,1]"
     )

@@ -19,7 +19,7 @@ import weight_files
 from safetensors.numpy import save_file
 
 import vgg_jax
-from vgg_jax import convert, pretrained
+from vgg_jax import convert, pretrained, weight_formats
 from vgg_jax.pretrained import PretrainedError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_unknown_hash_is_refused_and_sha256_argument_verifies(files, tmp_path):
     assert (cache / f"timm-vgg11-sha256-{sha256[:16]}" / pretrained.MARKER).is_file()
     assert clf.num_classes == 5 and clf.class_names is None and clf.config.preprocessing.source == "timm"
     # timm's layout (fc6/fc7 as convolutions, head.fc) gives exactly what torchvision's does, without torch.
-    params = convert.from_torchvision_state_dict(files["timm_vgg11_state"], "A")
+    params = weight_formats.from_torchvision_state_dict(files["timm_vgg11_state"], "A")
     for layer in params:
         for leaf in ("kernel", "bias"):
             np.testing.assert_array_equal(clf.params[layer][leaf], params[layer][leaf])

@@ -15,7 +15,7 @@ import time
 import h5py
 import numpy as np
 
-from vgg_jax import convert, models
+from vgg_jax import models, weight_formats
 
 TINY = dict(width_multiplier=1 / 16, fc_width=16, num_classes=1000, crop_size=224)
 
@@ -24,7 +24,7 @@ def random_params(variant: str, seed: int = 0, *, head: bool = True, **hyper) ->
     """He-scaled kernels and non-zero biases, in vgg_jax's layout (HWIO, fc (in, out))."""
     hyper = dict(TINY, **hyper)
     rng = np.random.default_rng(seed)
-    shapes = convert.expected_shapes(variant, **hyper)
+    shapes = weight_formats.expected_shapes(variant, **hyper)
     params = {}
     for layer in models.layer_names(variant) if head else models.conv_layer_names(variant):
         kernel_shape = shapes[layer]["kernel"]
@@ -58,7 +58,7 @@ def torchvision_state(params: dict) -> dict[str, np.ndarray]:
     variant = "E" if "conv5_4" in params else "D" if "conv5_3" in params else "B" if "conv1_2" in params else "A"
     state = {}
     for layer in models.conv_layer_names(variant):
-        key = convert._torchvision_key(variant, layer)
+        key = weight_formats._torchvision_key(variant, layer)
         state[f"{key}.weight"] = np.ascontiguousarray(params[layer]["kernel"].transpose(3, 2, 0, 1))
         state[f"{key}.bias"] = params[layer]["bias"]
     last = params[models.conv_layer_names(variant)[-1]]["kernel"].shape[-1]
