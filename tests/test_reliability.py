@@ -132,7 +132,8 @@ def test_keep_last_and_keep_best_delete_the_others(tmp_path):
     errors = {1: 0.5, 2: 0.2, 3: 0.4, 4: None, 5: 0.6, 6: 0.7}
     for step, error in errors.items():
         metrics = {"top1_error": error} if error is not None else None
-        checkpoints.save(manager, step, params=params, train_state=None, meta={"step": step}, metrics=metrics)
+        meta = {"step": step, **(metrics or {})}  # as training writes it: 'best' reads the meta
+        checkpoints.save(manager, step, params=params, train_state=None, meta=meta, metrics=metrics)
     manager.close()
     assert sorted(checkpoints.steps_with_meta(str(tmp_path))) == [2, 5, 6]  # the last two and the best (0.2)
     assert checkpoints.resolve_step(str(tmp_path), "best") == 2

@@ -151,7 +151,8 @@ class Stopper:
       all-gather every `AGREE_EVERY_STEPS` steps: every host stops at the same step, within that many steps.
 
     A handler installed before ours (a Python callable) is called after ours, and restored on exit. Once a stop
-    is decided it stays decided, so a spike-guard rollback in the same step cannot lose it.
+    is decided it stays decided, so a spike-guard rollback in the same step cannot lose it. The sync point is
+    asked with the training step, as Orbax's CheckpointManager asks it on each save (one counter for both).
     """
 
     AGREE_EVERY_STEPS = 10
@@ -161,7 +162,6 @@ class Stopper:
         self.start_step = start_step
         self.requested = False
         self.stopping = False
-        self.calls = 0  # monotonic even when a rollback moves the step back: the sync point counts calls
         self.jax_sync = jax.process_count() > 1 and _preemption_service_running()
         self._previous: Any = None
         self._installed = False
@@ -188,15 +188,14 @@ class Stopper:
 
     def should_stop(self, step: int) -> bool:
         """Call once per step on every process; the same answer everywhere at the same step."""
-        self.calls += 1
         if self.stopping:
             return True
         if self.jax_sync:
-            notice = multihost_utils.reached_preemption_sync_point(self.calls)
+            notice = multihost_utils.reached_preemption_sync_point(step)
             if notice:
                 logging.warning("preemption notice: every process saves and stops at step %d", step)
         elif jax.process_count() > 1:
-            notice = self.calls % self.AGREE_EVERY_STEPS == 0 and bool(
+            notice = step % self.AGREE_EVERY_STEPS == 0 and bool(
                 np.any(multihost_utils.process_allgather(np.asarray(self.requested)))
             )
         else:

@@ -236,7 +236,7 @@ def truncate_metrics(workdir: str, step: int) -> int:
     if len(kept) < len(lines):
         temporary = path.parent / (path.name + ".tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
-        temporary.rename(path)  # atomic: a kill leaves the old file or the new one
+        temporary.replace(path)  # atomic: a kill leaves the old file or the new one
         logging.warning(
             "metrics.jsonl: dropped %d row(s) after step %d (the checkpoint goes on from there)",
             len(lines) - len(kept),
