@@ -23,22 +23,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import pathlib
 import re
+import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
-from vgg_jax.configs.specs import (
-    Spec,
-    boolean,
-    custom,
-    integer,
-    is_int,
-    is_number,
-    number,
-    one_of,
-    sequence,
-    text,
-)
+
+def _load_beside(name: str) -> ModuleType:
+    """The module file `name`.py beside this one, loaded by path as this file was (no package, so no JAX)."""
+    spec = importlib.util.spec_from_file_location(
+        f"_vgg_jax_configs_{name}", pathlib.Path(__file__).with_name(name + ".py")
+    )
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+if __package__:  # imported as vgg_jax.configs.validation
+    from vgg_jax.configs import specs
+else:  # loaded by path by a tool that must not import JAX (importing the vgg_jax package does)
+    specs = _load_beside("specs")
+Spec, boolean, custom, integer, number = specs.Spec, specs.boolean, specs.custom, specs.integer, specs.number
+is_int, is_number, one_of, sequence, text = specs.is_int, specs.is_number, specs.one_of, specs.sequence, specs.text
 
 # The six configurations of paper Table 1. models.VARIANTS is the same tuple; it is not imported
 # because models pulls in JAX/Flax (tests/test_validation.py checks that the two agree).
