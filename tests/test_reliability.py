@@ -174,3 +174,27 @@ def test_metrics_truncation_keeps_rows_up_to_the_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert resume.truncate_metrics(str(tmp_path), 4) == 1
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_sigterm_handler_chains_to_the_one_before_and_is_restored():
+    import os
+    import signal
+
+    from vgg_jax import guard
+
+    seen = []
+
+    def earlier(signum, frame):
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, earlier)
+    try:
+        config = tiny_config(stop_after_steps=-1)
+        with guard.Stopper(config, start_step=0) as stopper:
+            assert not stopper.should_stop(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stopper.should_stop(2) and stopper.should_stop(3)  # the next step stops, and stays stopped
+        assert seen == [signal.SIGTERM]  # the earlier handler still ran
+        assert signal.getsignal(signal.SIGTERM) is earlier  # ours is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
