@@ -142,6 +142,63 @@ def test_killing_one_process_makes_the_other_fail_within_the_heartbeat_bound(tmp
     assert elapsed < heartbeat * 6, elapsed
 
 
+def _start_two(tmp_path, *extra):
+    """Two processes of one run (loopback coordinator), logging to tmp_path/p{0,1}.log."""
+    env = dict(
+        os.environ,
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PLATFORMS="cpu",
+    )
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vgg_jax.main", *TINY, *extra, f"--workdir={tmp_path / 'run'}"],
+            cwd=REPO,
+            env=dict(env, JAX_PROCESS_ID=str(i)),
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    return procs, logs
+
+
+@pytest.mark.xdist_group("multihost")
+def test_sigterm_to_one_host_stops_both_at_the_same_saved_step(tmp_path):
+    procs, logs = _start_two(
+        tmp_path,
+        "--config.num_train_steps=100000",
+        "--config.eval_every_steps=100000",
+        "--config.checkpoint_every_steps=3",
+        "--config.log_every_steps=100000",  # the stop must not wait for a log step
+    )
+    try:
+        deadline = time.time() + 300
+        while "checkpoint: step 3 saved" not in (tmp_path / "p0.log").read_text():
+            assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)  # only one host is told
+        codes = [proc.wait(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for log in logs:
+            log.close()
+    texts = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+    stopped = [re.findall(r"stopped early: saved step (\d+)", text) for text in texts]
+    assert stopped[0] and stopped[0] == stopped[1], stopped
+    assert checkpoints.resolve_step(str(tmp_path / "run")) == int(stopped[0][0])
+    assert sums_equal(texts)
+
+
+def sums_equal(texts):
+    found = [re.findall(r"parameter checksum at step (\d+): (\S+)", text)[-1] for text in texts]
+    return found[0] == found[1]
+
+
 def _free_port():
     import socket
 

@@ -215,17 +215,49 @@ def test_l2_does_not_touch_biases():
     np.testing.assert_allclose(updates["fc8"]["bias"], -1e-2 * 5e-4 * np.ones(3), rtol=1e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def poison_step(monkeypatch, at_step, *, how="nan", only_at_base_rate=False):
+    """Test hook: the update of step `at_step` leaves NaN parameters ('nan') or fc8 × 1e4 ('spike').
+
+    With `only_at_base_rate` it fires only while the rate is config.learning_rate: a retry at a lowered rate
+    (the spike guard's rollback) goes through, as a transient fault would.
+    """
+    original = steps.make_train_step
+
+    def make(config, model, tx, steps_per_epoch=None):
+        step_fn = original(config, model, tx, steps_per_epoch)
+
+        def poisoned(state, batch, key):
+            new_state, metrics = step_fn(state, batch, key)
+            hit = state.step == at_step - 1
+            if only_at_base_rate:
+                hit = hit & (metrics["learning_rate"] >= 0.99 * config.learning_rate)
+            params = dict(new_state.params)
+            if how == "nan":
+                params = jax.tree_util.tree_map(lambda p: jnp.where(hit, jnp.nan, p), params)
+                metrics = dict(metrics, params_finite=jnp.where(hit, 0.0, metrics["params_finite"]))
+            else:
+                fc8 = dict(params["fc8"])
+                fc8["kernel"] = jnp.where(hit, fc8["kernel"] * 1e4, fc8["kernel"])
+                params["fc8"] = fc8
+            return new_state.replace(params=params), metrics
+
+        return poisoned
+
+    monkeypatch.setattr(steps, "make_train_step", make)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     train.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=100), str(tmp_path))
     good, _, _ = checkpoints.restore_params(str(tmp_path))
-    exploding = tiny_config(num_train_steps=8, eval_every_steps=100, checkpoint_every_steps=1, learning_rate=1e30)
+    poison_step(monkeypatch, 3)  # step 3's update leaves NaN parameters, deterministically
+    exploding = tiny_config(num_train_steps=8, eval_every_steps=100, checkpoint_every_steps=1)
     with pytest.raises(train.NonFiniteLossError, match="non-finite"):
         train.train_and_evaluate(exploding, str(tmp_path))
     latest = checkpoints.resolve_step(str(tmp_path))
     params, _, _ = checkpoints.restore_params(str(tmp_path), latest)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-    if latest == 2:
-        jax.tree_util.tree_map(np.testing.assert_array_equal, good, params)
+    assert latest == 2  # step 3 was checked before it could be saved
+    jax.tree_util.tree_map(np.testing.assert_array_equal, good, params)
 
 
 def test_clear_errors_before_training(tmp_path):

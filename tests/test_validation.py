@@ -70,6 +70,9 @@ BAD = {
     "keep_checkpoints": [0, -1],
     "keep_best_checkpoints": [-1, 1.0],
     "stop_after_steps": [0, -5],
+    "spike_guard.factor": [1.0, -2.0, 0.5, "3", math.inf],
+    "spike_guard.window": [0, 2.5],
+    "spike_guard.max_retries": [-1, 1.0],
     "distributed.initialize": ["maybe", True],
     "distributed.coordinator_address": ["localhost", 1234, "host: 12"],
     "distributed.num_processes": [0, -2],
@@ -77,6 +80,8 @@ BAD = {
     "distributed.heartbeat_timeout_seconds": [0, "60"],
     "distributed.initialization_timeout_seconds": [0, "300"],
     "class_names": ["cat,dog", ("cat", 1)],
+    "class_wnids": ["n01440764", ("n01440764", 1)],
+    "model.include_top": ["yes", 1],
     "preprocessing": ["caffe", {"source": 1}],
 }
 

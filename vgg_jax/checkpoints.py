@@ -2,7 +2,11 @@
 
 A run directory (a training workdir, or what `convert.py` writes) holds::
 
-    config.json          the resolved config of the run
+    config.json          the resolved config of the run (the current one)
+    config_history.jsonl every start of a training run: time, step, config
+                         (`vgg_jax.resume`)
+    class_names.json     the data set's class names (training runs; converted
+                         weights keep theirs in config.json's `class_names`)
     checkpoints/<step>/  Orbax items: 'params' (the network), 'train_state'
                          (step, optimiser and plateau state; absent in
                          converted weights), 'meta' (JSON: step, epoch and the
@@ -31,8 +35,11 @@ from etils import epath
 from vgg_jax import console
 
 CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "top1_error"
+# Orbax writes a step to `<step>.orbax-checkpoint-tmp-<time>` and renames it when complete.
+UNFINISHED_MARK = ".orbax-checkpoint-tmp"
 
 
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
@@ -132,18 +139,19 @@ def save_train_state(
     return saved
 
 
-def restore_train_state(manager: ocp.CheckpointManager, like: Any, sharding: Any) -> Any | None:
-    """The latest saved train state, shaped like `like` and placed with `sharding`; None when nothing is saved.
+def restore_train_state(
+    manager: ocp.CheckpointManager, like: Any, sharding: Any, step: int | None = None
+) -> Any | None:
+    """The train state saved at `step` (default: the latest), shaped like `like` and placed with `sharding`.
 
-    `like` is a host train state (a flax dataclass with params and `TRAIN_STATE_FIELDS`); the result is
-    `like.replace(...)` with the restored values, so resuming needs no knowledge of the state's class here.
+    None when nothing is saved. `like` is a train state (a flax dataclass with params and
+    `TRAIN_STATE_FIELDS`, on the host or on device); the result is `like.replace(...)` with the restored
+    values, so resuming needs no knowledge of the state's class here.
     """
-    latest = manager.latest_step()
+    latest = manager.latest_step() if step is None else step
     if latest is None:
         return None
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), like
-    )
+    target = jax.tree_util.tree_map(lambda x: _abstract(x, sharding), like)
     restored = manager.restore(
         latest,
         args=ocp.args.Composite(
@@ -152,6 +160,48 @@ def restore_train_state(manager: ocp.CheckpointManager, like: Any, sharding: Any
         ),
     )
     return like.replace(params=restored["params"], **restored["train_state"])
+
+
+def _abstract(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    # Shape and dtype from the leaf itself: no device-to-host copy of a live (on-device) state.
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    return jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=sharding)
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest complete step of a run directory (None: none), from a read-only look."""
+    if not (epath.Path(directory) / CHECKPOINT_DIR).exists():
+        return None
+    manager = create_manager(directory, read_only=True, async_save=False)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def has_train_state(directory: str, step: int) -> bool:
+    """False for parameters only (what `vgg_jax.convert` writes): nothing to resume training from."""
+    return (epath.Path(directory) / CHECKPOINT_DIR / str(step) / "train_state").exists()
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Deletes the `<step>.orbax-checkpoint-tmp*` directories a kill during a save left (process 0 only).
+
+    Orbax renames a step's directory only once it is complete, so these hold nothing a resume could use (and up
+    to a full checkpoint's size each). Only direct children of this run's checkpoints/ are touched; the caller
+    makes the other processes wait (a barrier) before anyone saves.
+    """
+    root = epath.Path(directory) / CHECKPOINT_DIR
+    if jax.process_index() != 0 or not root.exists():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        if UNFINISHED_MARK in child.name and child.is_dir():
+            child.rmtree()
+            removed.append(child.name)
+    if removed:
+        logging.warning("removed %d unfinished checkpoint save(s) in %s: %s", len(removed), root, ", ".join(removed))
+    return removed
 
 
 def steps_with_meta(directory: str) -> dict[int, dict[str, Any]]:

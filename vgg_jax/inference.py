@@ -29,6 +29,7 @@ Pools round up in dense mode, so the maps cover the whole image (`models.ceil_mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from vgg_jax import checkpoints, models, paths, preprocess, protocols
 from vgg_jax.protocols import center_crop, resize_smaller_side  # also offered to notebooks from here
@@ -327,19 +329,25 @@ class Classifier:
         return result[layer] if isinstance(layer, str) else {name: result[name] for name in layers}
 
 
-def class_names_for(config: ml_collections.ConfigDict) -> list[str] | None:
-    """Names from a converted config's ``class_names`` (possibly None), else from the run's data set."""
+def class_names_for(config: ml_collections.ConfigDict, directory: str | None = None) -> list[str] | None:
+    """Names from a converted config's ``class_names``, else the run's ``class_names.json``; never the data set.
+
+    Loading a run must not start a download (or import TensorFlow): a training run stores its data set's
+    names at start (`vgg_jax.resume.record_start`). Runs older than that get None and a one-line warning.
+    """
     if "class_names" in config:
         names = config.class_names
         return list(names) if names is not None else None
-    try:
-        from vgg_jax.data.sources import dataset_metadata
-
-        names = dataset_metadata(config).class_names
-    except Exception as error:  # noqa: BLE001 (names are a nicety: never fail a load over them)
-        logging.warning("no class names for data set %r: %s", config.get("dataset"), error)
-        return None
-    return list(names) if names is not None else None
+    if directory is not None:
+        stored = epath.Path(directory) / checkpoints.CLASS_NAMES_FILE
+        if stored.exists():
+            return list(json.loads(stored.read_text()))
+    logging.warning(
+        "no class names stored with this run (%s; data set %r): predictions carry class ids only",
+        directory,
+        config.get("dataset"),
+    )
+    return None
 
 
 def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtype: Any = jnp.float32) -> Classifier:
@@ -349,7 +357,7 @@ def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtyp
     top-1 error) or a step number. Inference runs in `dtype` (float32 by
     default, whatever the run trained in).
     """
-    params, config, resolved = checkpoints.restore_params(paths.resolve(path), step)
-    return Classifier(
-        config, params, step=resolved, class_names=class_names_for(config), batch_size=batch_size, dtype=dtype
-    )
+    directory = paths.resolve(path)
+    params, config, resolved = checkpoints.restore_params(directory, step)
+    names = class_names_for(config, directory)
+    return Classifier(config, params, step=resolved, class_names=names, batch_size=batch_size, dtype=dtype)

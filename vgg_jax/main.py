@@ -46,7 +46,7 @@ def _main(argv: list[str]) -> None:
         print(console.format_config(config), flush=True)
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, PermissionError, train.NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, train.DivergedError) as error:
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)

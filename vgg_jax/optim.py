@@ -5,15 +5,25 @@ the L2 penalty is coupled (its gradient, wd·w, joins the loss gradient before
 momentum, as Caffe's weight_decay does), and by default it skips biases
 (Caffe's decay_mult 0) [choice, `decay_biases`].
 
-The learning rate is an injected hyper-parameter of the chain, so it lives in
-the optimiser state and is checkpointed with it. Two ways to drive it:
+The learning rate is an injected hyper-parameter of the chain (it lives in
+the optimiser state and is checkpointed with it), but it is never a source of
+truth: every train step sets it to
 
-* 'plateau' (the paper): after each validation, `PlateauControl` feeds the
-  top-1 error to `optax.contrib.reduce_on_plateau` and the rate becomes
-  base_lr × its scale — ÷10 after `patience` evaluations without an
-  improvement of at least `threshold`, at most `max_reductions` times.
+    rate(step) = schedule(step) × plateau scale
+
+(`step_learning_rate`), with the schedule built from the *current* config. So
+a `config.learning_rate` changed on resume takes effect at the next step under
+either rule, and lowering the plateau scale (the plateau rule, or the spike
+guard's rollback) lowers the rate at once. Two schedules:
+
+* 'plateau' (the paper): a constant config.learning_rate; after each
+  validation `PlateauControl` feeds the top-1 error to
+  `optax.contrib.reduce_on_plateau`, whose scale drops ÷10 after `patience`
+  evaluations without an improvement of at least `threshold`, at most
+  `max_reductions` times.
 * 'step': ÷10 at fixed epochs (`step_boundaries_epochs`), the usual
-  reproducible alternative.
+  reproducible alternative (the plateau scale stays 1 unless the spike guard
+  lowers it).
 
 Note: optax's SGD keeps the momentum of raw gradients and multiplies by the
 current rate, while Caffe accumulates lr·gradient; the two only differ for a
@@ -59,21 +69,33 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The paper's SGD; its state carries the current learning rate (`current_learning_rate`)."""
+    """The paper's SGD; its state carries the learning rate the last step used (`current_learning_rate`).
+
+    The injected rate is a number that the train step overwrites with `step_learning_rate` before each
+    update (`steps_per_epoch` is kept for callers; the schedule is applied there).
+    """
+    del steps_per_epoch
     return optax.inject_hyperparams(_sgd_with_l2, static_args=("momentum", "weight_decay", "decay_biases"))(
-        learning_rate=learning_rate_schedule(config, steps_per_epoch),
+        learning_rate=float(config.learning_rate),
         momentum=float(config.momentum),
         weight_decay=float(config.weight_decay),
         decay_biases=bool(config.decay_biases),
     )
 
 
+def step_learning_rate(schedule: optax.Schedule | float, step: jax.Array, plateau_state: Any) -> jax.Array:
+    """The rate of one update: the schedule at `step` times the plateau scale (both rules, see module doc)."""
+    base = schedule(step) if callable(schedule) else jnp.asarray(schedule, jnp.float32)
+    return base * plateau_state.scale
+
+
 def current_learning_rate(opt_state: Any) -> jax.Array:
+    """The rate the last update used."""
     return opt_state.hyperparams["learning_rate"]
 
 
 def with_learning_rate(opt_state: Any, learning_rate: float | jax.Array) -> Any:
-    """`opt_state` with its injected rate replaced (used by the plateau control)."""
+    """`opt_state` with its injected rate replaced (the train step sets it before each update)."""
     current = opt_state.hyperparams["learning_rate"]
     hyperparams = dict(opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate, current.dtype))
     return opt_state._replace(hyperparams=hyperparams)
@@ -104,9 +126,19 @@ class PlateauControl:
         return self._transform.init({})
 
     def update(self, state: Any, validation_error: float) -> Any:
-        """Feeds one validation result; returns the new control state."""
-        _, state = self._transform.update({}, state, value=jnp.asarray(validation_error, jnp.float32))
-        return state
+        """Feeds one validation result; returns the new control state.
+
+        The rule only ever lowers the scale: optax clamps it up to `min_scale`, which would undo a
+        reduction made by the spike guard (`lowered`) below the rule's own floor.
+        """
+        _, new = self._transform.update({}, state, value=jnp.asarray(validation_error, jnp.float32))
+        return new._replace(scale=jnp.minimum(new.scale, jnp.asarray(state.scale, new.scale.dtype)))
 
     def learning_rate(self, state: Any) -> float:
         return self.base_learning_rate * float(state.scale)
+
+
+def lowered(plateau_state: Any, factor: float) -> Any:
+    """The plateau state with its scale × `factor`: the rate drops as after a plateau (spike-guard rollback)."""
+    scale = jnp.asarray(plateau_state.scale)
+    return plateau_state._replace(scale=(scale * factor).astype(scale.dtype))

@@ -35,9 +35,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, model: models.VGG, tx: optax.GradientTransformation
+    config: ml_collections.ConfigDict,
+    model: models.VGG,
+    tx: optax.GradientTransformation,
+    steps_per_epoch: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update."""
+    """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update.
+
+    The update uses `optim.step_learning_rate`: the config's schedule at this step times the plateau scale
+    (`steps_per_epoch` places the 'step' schedule's boundaries; required for it).
+    """
+    if config.lr_schedule == "step" and steps_per_epoch is None:
+        raise ValueError("make_train_step: lr_schedule='step' needs steps_per_epoch to place its boundaries")
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch or 1)
     mean_rgb = tuple(config.mean_rgb)
     color_shift_std = float(config.color_shift_std)
 
@@ -58,13 +68,15 @@ def make_train_step(
             return jnp.mean(cross_entropy(logits, labels)), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        learning_rate = optim.step_learning_rate(schedule, state.step, state.plateau)
+        opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
             "top1_error": 1.0 - jnp.mean(topk_correct(logits, labels, 1)),
             "top5_error": 1.0 - jnp.mean(topk_correct(logits, labels, 5)),
-            "learning_rate": optim.current_learning_rate(state.opt_state),
+            "learning_rate": learning_rate,
             # An overflow can leave the loss finite one step before it isn't: check the update too.
             "params_finite": jnp.all(
                 jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params)])

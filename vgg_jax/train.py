@@ -9,10 +9,8 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,18 +18,17 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from clu import metric_writers
 from etils import epath
-from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, models, optim, parallel, paths, progress, steps
+from vgg_jax import checkpoints, guard, models, optim, parallel, paths, reporting, resume, steps
 from vgg_jax import evaluate as evaluation
 from vgg_jax.configs import validation
 from vgg_jax.data import sources, streams
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/Inf loss; the last good checkpoint was kept."""
+# Raised when training diverges beyond what the spike guard may repair (see vgg_jax.guard).
+DivergedError = guard.DivergedError
+NonFiniteLossError = guard.NonFiniteLossError
+LossSpikeError = guard.LossSpikeError
 
 
 # ---------------------------------------------------------------------------
@@ -52,8 +49,8 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             raise PermissionError(f"workdir {workdir!r} is not writable: {error}") from error
 
 
-def _adopt_dataset_classes(config: ml_collections.ConfigDict) -> None:
-    """The head's width follows the data set (raises early when the data set is missing)."""
+def _adopt_dataset_classes(config: ml_collections.ConfigDict) -> list[str] | None:
+    """The head's width follows the data set (raises early when the data set is missing); returns its class names."""
     metadata = sources.dataset_metadata(config)
     if metadata.num_classes != config.model.num_classes:
         logging.info(
@@ -63,6 +60,7 @@ def _adopt_dataset_classes(config: ml_collections.ConfigDict) -> None:
             config.dataset,
         )
         config.model.num_classes = metadata.num_classes
+    return metadata.class_names
 
 
 def _num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -98,117 +96,6 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
 # Pieces of the loop.
 
 
-class _Preemption:
-    """Turns SIGTERM (preemption) into a request to save and stop at the next step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Preemption:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class _FiniteGuard:
-    """Step metrics stay on device until needed; fetching them raises before anything non-finite is saved."""
-
-    def __init__(self, manager: ocp.CheckpointManager, workdir: str) -> None:
-        self.manager, self.workdir = manager, workdir
-        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
-
-    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        self.pending.append((step, metrics))
-
-    def fetch(self) -> list[dict[str, float]]:
-        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in self.pending]
-        self.pending = []
-        for step, metrics in fetched:
-            # An overflow can leave the loss finite one step before it isn't: the parameters are checked too.
-            if not math.isfinite(metrics["loss"]) or metrics.pop("params_finite") != 1.0:
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({metrics['loss']}) or parameters at step {step}; stopping. The last "
-                    f"good checkpoint (step {self.manager.latest_step()}) in {self.workdir} is untouched — lower "
-                    "config.learning_rate or check the data."
-                )
-        return [metrics for _, metrics in fetched]
-
-
-class _Reporter:
-    """One log line per log step and per evaluation; TensorBoard and metrics.jsonl written by process 0 only.
-
-    metrics.jsonl holds one JSON object per line: `split: "train"` rows (means over the log interval) and
-    evaluation rows (`split`: the eval split), so a notebook plots both curves from one file.
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int) -> None:
-        self.config, self.workdir, self.total_steps = config, workdir, total_steps
-        self.steps_per_epoch = streams.steps_per_epoch(config)
-        self.is_chief = jax.process_index() == 0
-        # TensorBoard only: clu's default writer also logs every scalar, a second line per step.
-        self.writer = metric_writers.SummaryWriter(workdir) if self.is_chief else metric_writers.MultiWriter([])
-        if start_step == 0 and self.is_chief:
-            self.writer.write_hparams(_flatten(config.to_dict()))
-        self.progress = progress.Progress(total_steps, done=start_step)
-
-    def train(self, step: int, interval: list[dict[str, float]]) -> None:
-        means = {name: float(np.mean([m[name] for m in interval])) for name in interval[-1]}
-        steps_per_second, eta = self.progress.measure(step)
-        images_per_second = steps_per_second * self.config.global_batch_size
-        logging.info(
-            "step %d/%d  epoch %.2f  loss %.4f  top-1 err %.3f  top-5 err %.3f  lr %.2g  %.1f img/s  ETA %s",
-            step,
-            self.total_steps,
-            step / self.steps_per_epoch,
-            means["loss"],
-            means["top1_error"],
-            means["top5_error"],
-            means["learning_rate"],
-            images_per_second,
-            progress.format_eta(eta),
-        )
-        self.writer.write_scalars(
-            step, {f"train/{k}": v for k, v in means.items()} | {"images_per_second": images_per_second}
-        )
-        row = {k: means[k] for k in ("loss", "top1_error", "top5_error")}
-        self._append(step, "train", row | {"lr": means["learning_rate"], "images_per_second": images_per_second})
-
-    def eval(self, step: int, metrics: dict[str, float], learning_rate: float) -> None:
-        split = self.config.eval_split
-        logging.info(
-            "eval %s at step %d: loss %.4f  top-1 err %.4f  top-5 err %.4f",
-            split,
-            step,
-            metrics["loss"],
-            metrics["top1_error"],
-            metrics["top5_error"],
-        )
-        row = {k: metrics[k] for k in ("loss", "top1_error", "top5_error")}
-        self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items()})
-        self._append(step, split, row | {"lr": learning_rate})
-
-    def _append(self, step: int, split: str, values: dict[str, float]) -> None:
-        if self.is_chief:
-            record = {"step": step, "epoch": step / self.steps_per_epoch, "split": split, **values}
-            with (epath.Path(self.workdir) / "metrics.jsonl").open("a") as stream:
-                stream.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
 def run_validation(
     config: ml_collections.ConfigDict,
     params: Any,
@@ -216,12 +103,18 @@ def run_validation(
     eval_step: Callable[..., dict[str, jax.Array]],
     split: str | None = None,
 ) -> dict[str, float]:
-    """Exact validation metrics: every example once (padding masked), the same batch count on every host."""
+    """Exact validation metrics: every example once (padding masked), the same batch count on every host.
+
+    Records that cannot be decoded (config.corrupt_images='skip') are not in the denominator; how many were
+    skipped is returned ('skipped' = examples in the split − 'num_examples') and logged, never silent.
+    """
+    split = split or config.eval_split
     if config.eval_method == "dense":
         result = evaluation.evaluate_params(
             config, params, method="dense", scales=[config.eval_scale], split=split, mesh=mesh
         )
-        return {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
+        metrics = {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
+        return metrics | _counts(config, split, float(result.get("num_examples", 0)))
     totals: dict[str, float] = {}
     for local_batch in streams.create_eval_iterator(config, split):
         sums = eval_step(params, parallel.global_batch(local_batch, mesh))
@@ -232,8 +125,22 @@ def run_validation(
         "loss": totals["loss"] / count,
         "top1_error": 1.0 - totals["top1_correct"] / count,
         "top5_error": 1.0 - totals["top5_correct"] / count,
-        "num_examples": totals["count"],
-    }
+    } | _counts(config, split, totals["count"])
+
+
+def _counts(config: ml_collections.ConfigDict, split: str, evaluated: float) -> dict[str, float]:
+    """num_examples evaluated and skipped (the split's size minus those): the same on every process."""
+    expected = sources.num_examples(sources.split_builder(config, split, "eval_split"), split)
+    skipped = max(expected - int(evaluated), 0)
+    if skipped:
+        logging.warning(
+            "eval %s: %d of %d records could not be decoded and were skipped; the errors are over the other %d",
+            split,
+            skipped,
+            expected,
+            int(evaluated),
+        )
+    return {"num_examples": float(evaluated), "skipped": float(skipped)}
 
 
 def _adjust_learning_rate(
@@ -246,33 +153,56 @@ def _adjust_learning_rate(
     """Paper §3.1: under 'plateau', the validation error decides the next rate (÷10 when it stalls)."""
     if config.lr_schedule != "plateau":
         return state
-    learning_rate = float(jax.device_get(optim.current_learning_rate(state.opt_state)))
-    new_plateau = plateau.update(jax.device_get(state.plateau), top1_error)
-    new_rate = plateau.learning_rate(new_plateau)
-    if new_rate != learning_rate:
-        logging.info("plateau: learning rate %.3g → %.3g", learning_rate, new_rate)
-    return state.replace(
-        plateau=parallel.replicate(new_plateau, mesh),
-        opt_state=optim.with_learning_rate(state.opt_state, new_rate),
-    )
+    old = jax.device_get(state.plateau)
+    new = plateau.update(old, top1_error)
+    if float(new.scale) != float(old.scale):
+        logging.info("plateau: learning rate %.3g → %.3g", plateau.learning_rate(old), plateau.learning_rate(new))
+    return state.replace(plateau=parallel.replicate(new, mesh))
 
 
-def _should_stop(
-    config: ml_collections.ConfigDict,
-    step: int,
-    start_step: int,
-    preemption: _Preemption,
+def _save(
     manager: ocp.CheckpointManager,
-) -> bool:
-    """Preemption (SIGTERM or Orbax's notice) or `stop_after_steps`: the same decision on every process."""
-    if jax.process_count() > 1:  # every process must take the same decision at the same step
-        stop = step % config.log_every_steps == 0 and bool(
-            np.any(multihost_utils.process_allgather(np.asarray(preemption.requested)))
-        )
-    else:
-        stop = preemption.requested
-    stop = stop or manager.reached_preemption(step)
-    return stop or (config.get("stop_after_steps", -1) > 0 and step - start_step >= config.stop_after_steps)
+    state: steps.TrainState,
+    epoch: float,
+    eval_metrics: dict[str, float] | None,
+    force: bool,
+) -> None:
+    """A checkpoint at the state's step; with validation top-1 error when just evaluated (it ranks keep-best)."""
+    ranking = {checkpoints.BEST_METRIC: eval_metrics[checkpoints.BEST_METRIC]} if eval_metrics else None
+    meta = {"step": int(jax.device_get(state.step)), "epoch": epoch, **(ranking or {})}
+    checkpoints.save_train_state(manager, state, meta=meta, metrics=ranking, force=force)
+
+
+def _roll_back(
+    config: ml_collections.ConfigDict,
+    verdict: guard.Verdict,
+    losses: guard.LossGuard,
+    manager: ocp.CheckpointManager,
+    state: steps.TrainState,
+    mesh: Any,
+    workdir: str,
+) -> steps.TrainState:
+    """Spike guard: back to the newest checkpoint the evidence trusts, the rate × plateau.factor (or raise)."""
+    manager.wait_until_finished()
+    saved = sorted(manager.all_steps())
+    good = max((s for s in saved if s <= verdict.trusted_step), default=None)
+    losses.allow_retry(verdict, good, workdir)  # raises when no retry is left
+    for step in saved:
+        if step > good:  # saved before the problem showed: not to be resumed from, nor to block later saves
+            manager.delete(step)
+    restored = checkpoints.restore_train_state(manager, state, parallel.replicated(mesh), step=good)
+    lowered = optim.lowered(jax.device_get(restored.plateau), float(config.plateau.factor))
+    logging.warning(
+        "spike guard: %s; back to step %d, learning rate × %g (scale %.4g), retry %d of %d",
+        verdict.message,
+        good,
+        config.plateau.factor,
+        float(lowered.scale),
+        losses.retries,
+        losses.max_retries,
+    )
+    resume.truncate_metrics(workdir, good)
+    return restored.replace(plateau=parallel.replicate(lowered, mesh))
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     paths.resolve_config_paths(config)
     parallel.initialize(config.get("distributed"))
     _check_config(config, workdir)
-    _adopt_dataset_classes(config)
+    shards = int(config.input_shards) or jax.process_count()
+    changes = resume.check(config, workdir, shards)  # a resume may not change what the run is
+    class_names = _adopt_dataset_classes(config)
     mesh = parallel.create_mesh()
     parallel.check_batch_size(config.global_batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
@@ -302,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     plateau = optim.PlateauControl(config)
     replicated, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
     train_step = jax.jit(
-        steps.make_train_step(config, model, tx),
+        steps.make_train_step(config, model, tx, steps_per_epoch),
         in_shardings=(replicated, data_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
@@ -313,15 +245,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
 
     # Restore (resume) > warm start > seeded init.
     host_state = steps.create_train_state(config, model, tx, plateau)
+    checkpoints.remove_unfinished_saves(workdir)  # process 0; the barrier below holds the others
     parallel.barrier("setup")
-    manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
+    losses = guard.LossGuard(config)
+    keep = max(config.keep_checkpoints, 2) if losses.max_retries else config.keep_checkpoints  # a rollback target
+    manager = checkpoints.create_manager(workdir, keep=keep, keep_best=config.keep_best_checkpoints)
     state = checkpoints.restore_train_state(manager, host_state, replicated)
     if state is not None:
         logging.info("resumed from %s at step %d", workdir, int(jax.device_get(state.step)))
+        resume.announce(changes or [], config, float(jax.device_get(state.plateau.scale)), int(state.step))
     else:
         state = parallel.replicate(_apply_warm_start(config, host_state, tx), mesh)
-    checkpoints.save_config(workdir, config)
+    del host_state
     start_step = int(jax.device_get(state.step))
+    resume.record_start(workdir, config, step=start_step, shards=shards, changes=changes, class_names=class_names)
     logging.info(
         "VGG-%s on %s: %d steps (%d per epoch), global batch %d on %d devices / %d processes",
         config.model.variant,
@@ -335,36 +272,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
 
     root_key = jax.random.key(config.seed)
     train_iter: Iterator[dict[str, np.ndarray]] = streams.create_train_iterator(config, start_step=start_step)
-    reporter = _Reporter(config, workdir, total_steps, start_step)
-    guard = _FiniteGuard(manager, workdir)
-
-    def save(step: int, metrics: dict[str, float] | None = None, force: bool = False) -> None:
-        guard.fetch()  # raises before a non-finite state is written
-        meta = {"step": step, "epoch": step / steps_per_epoch, **(metrics or {})}
-        checkpoints.save_train_state(manager, state, meta=meta, metrics=metrics, force=force)
-
+    reporter = reporting.Reporter(config, workdir, total_steps, start_step, steps_per_epoch)
     step = start_step
     try:
-        with _Preemption() as preemption:
+        with guard.Stopper(config, start_step) as stopper:
             while step < total_steps:
                 state, metrics = train_step(state, parallel.global_batch(next(train_iter), mesh), root_key)
                 step += 1
-                guard.add(step, metrics)
-                if step % config.log_every_steps == 0 or step == total_steps:
-                    reporter.train(step, guard.fetch())
+                losses.add(step, metrics)
+                stop = stopper.should_stop(step)
+                log = step % config.log_every_steps == 0 or step == total_steps
+                evaluate = step % eval_every == 0 or step == total_steps
+                save = evaluate or step % config.checkpoint_every_steps == 0 or step == total_steps or stop
+                # Nothing is logged, evaluated or saved before the guard has checked the steps behind it.
+                if (log or save) and (verdict := losses.check()) is not None:
+                    state = _roll_back(config, verdict, losses, manager, state, mesh, workdir)
+                    step = int(jax.device_get(state.step))
+                    train_iter = streams.create_train_iterator(config, start_step=step)
+                    reporter.restart(step)
+                    continue
+                if log:
+                    reporter.train(step, losses.take())
 
                 eval_metrics = None
-                if step % eval_every == 0 or step == total_steps:
-                    guard.fetch()
+                if evaluate:
                     eval_metrics = run_validation(config, state.params, mesh, eval_step)
                     reporter.eval(step, eval_metrics, float(optim.current_learning_rate(state.opt_state)))
                     state = _adjust_learning_rate(config, plateau, state, eval_metrics["top1_error"], mesh)
-
-                stop = _should_stop(config, step, start_step, preemption, manager)
-                if eval_metrics is not None:
-                    save(step, {"top1_error": eval_metrics["top1_error"]})
-                elif step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
-                    save(step, force=stop)
+                if save:
+                    _save(manager, state, step / steps_per_epoch, eval_metrics, force=stop)
                 if stop and step < total_steps:
                     logging.warning("stopped early: saved step %d; rerun the same command to resume", step)
                     break
@@ -386,13 +322,3 @@ def parameter_checksum(state: steps.TrainState) -> float:
             for leaf in jax.tree_util.tree_leaves(state.params)
         )
     )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat

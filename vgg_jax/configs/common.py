@@ -108,6 +108,11 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     config.keep_best_checkpoints = 1
     # > 0: save and stop after this many steps of one invocation, as on preemption (for time-limited job slots).
     config.stop_after_steps = -1
+    # Divergence (vgg_jax.guard) [choice: off, as the paper reports none]. Non-finite loss or parameters always
+    # stop the run; with max_retries > 0 the run instead goes back to the last good checkpoint, × plateau.factor
+    # on the rate, at most max_retries times. factor > 0 also treats a log interval whose mean loss exceeds
+    # factor × the median of the last `window` intervals as a spike (e.g. factor=3, max_retries=2).
+    config.spike_guard = ml_collections.ConfigDict(dict(factor=0.0, window=5, max_retries=0))
     config.distributed = ml_collections.ConfigDict(
         dict(initialize="auto", coordinator_address="", num_processes=-1, process_id=-1, heartbeat_timeout_seconds=60)
     )

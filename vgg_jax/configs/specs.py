@@ -1,8 +1,9 @@
-"""The small language `validation.FIELDS` is written in: what one config field may hold.
+"""Field specs for `vgg_jax.configs.validation`: what one config field may hold, and its words for errors.
 
-A `Spec` says which values a field accepts and how to describe them in an
-error message; the factories (`integer`, `number`, `boolean`, `one_of`,
-`text`, `sequence`, `custom`) build the common ones. No JAX, no TensorFlow.
+Each builder (`integer`, `number`, `boolean`, `one_of`, `text`, `sequence`,
+`custom`) returns a `Spec` whose `problem(value)` is None for an allowed value
+and otherwise the "expected …" part of the message. Imports neither JAX nor
+TensorFlow.
 """
 
 from __future__ import annotations

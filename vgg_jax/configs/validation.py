@@ -27,7 +27,18 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vgg_jax.configs.specs import Spec, boolean, custom, integer, is_int, is_number, number, one_of, sequence, text
+from vgg_jax.configs.specs import (
+    Spec,
+    boolean,
+    custom,
+    integer,
+    is_int,
+    is_number,
+    number,
+    one_of,
+    sequence,
+    text,
+)
 
 # The six configurations of paper Table 1. models.VARIANTS is the same tuple; it is not imported
 # because models pulls in JAX/Flax (tests/test_validation.py checks that the two agree).
@@ -36,6 +47,9 @@ VARIANTS = ("A", "A-LRN", "B", "C", "D", "E")
 _LAYER_NAME = re.compile(r"conv[1-5]_[1-4]|fc[678]")
 _HOST_PORT = re.compile(r"\S+:\d{1,5}")
 _MISSING = object()
+
+
+# --------------------------------------------------------------------------- field specs (configs/specs.py)
 
 
 def warm_start_layers(value: Any) -> str | tuple[str, ...]:
@@ -88,7 +102,14 @@ _FLOAT16 = (
 )
 
 # Nested groups of fields (ConfigDicts inside the config); everything else is a leaf in FIELDS.
-GROUPS: dict[str, bool] = {"model": False, "plateau": False, "warm_start": False, "distributed": True}  # → optional
+# → optional (spike_guard: absent from the config.json of runs that predate it)
+GROUPS: dict[str, bool] = {
+    "model": False,
+    "plateau": False,
+    "warm_start": False,
+    "distributed": True,
+    "spike_guard": True,
+}
 
 # Every field of configs/common.py, and the optional fields some configs carry. Keep in step with common.py:
 # tests/test_validation.py fails for a field of the default config that is missing here.
@@ -154,6 +175,9 @@ FIELDS: dict[str, Spec] = {
     "keep_checkpoints": integer(1),  # 0 (with keep_best_checkpoints=0) would delete every checkpoint
     "keep_best_checkpoints": integer(0),
     "stop_after_steps": integer(1, special={-1: "no limit"}),
+    "spike_guard.factor": custom(lambda v: is_number(v) and (v == 0 or v > 1), "0 (off) or a finite number > 1"),
+    "spike_guard.window": integer(1),
+    "spike_guard.max_retries": integer(0),
     "distributed.initialize": one_of("auto", "yes", "no"),
     "distributed.coordinator_address": custom(
         lambda v: isinstance(v, str) and (v == "" or bool(_HOST_PORT.fullmatch(v))), "'' or 'host:port'"
@@ -164,6 +188,8 @@ FIELDS: dict[str, Spec] = {
     "distributed.initialization_timeout_seconds": integer(1, optional=True),
     # Converted weights (vgg_jax.convert): names of fc8's classes and how the original preprocessing was absorbed.
     "class_names": custom(_class_names, "None or a list of strings", optional=True),
+    "class_wnids": custom(_class_names, "None or a list of WordNet ids", optional=True),  # converted ImageNet weights
+    "model.include_top": boolean(optional=True),  # False: converted Keras 'notop' weights (no fc6–fc8)
     "preprocessing": custom(_string_mapping, "a mapping of strings to strings", optional=True),
 }
 
