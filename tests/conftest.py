@@ -25,10 +25,12 @@ def demo_config():
     return e.get_config("demo")
 
 
-def readme_blocks(language: str) -> list[str]:
-    """The README's fenced code blocks of `language`, in order."""
+def readme_blocks(language: str, *, skip_sections: tuple[str, ...] = ()) -> list[str]:
+    """The README's fenced code blocks of `language`, in order, leaving out the `## ` sections named."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+    sections = re.split(r"^(?=## )", text, flags=re.M)
+    kept = "".join(s for s in sections if not any(s.startswith(f"## {name}") for name in skip_sections))
+    return re.findall(rf"```{language}\n(.*?)```", kept, re.S)
 
 
 def readme_train_command() -> str:
