@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import signal
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -92,6 +93,24 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
     logging.info("warm start from %s (VGG-%s, step %d)", source, source_config.model.variant, step)
     params, _ = checkpoints.warm_start(state.params, source_params, "all" if layers == "all" else list(layers))
     return state.replace(params=params, opt_state=tx.init(params))
+
+
+# The task decides what the net outputs are scored by and what the streams carry: classification (§3.1), or
+# App. A localisation for a config with a box head (`vgg_jax.localise_train`, same four names).
+CLASSIFICATION = types.SimpleNamespace(
+    make_train_step=steps.make_train_step,
+    make_eval_step=steps.make_eval_step,
+    create_train_iterator=streams.create_train_iterator,
+    create_eval_iterator=streams.create_eval_iterator,
+)
+
+
+def task_for(config: ml_collections.ConfigDict) -> Any:
+    if config.model.get("box_head", "none") == "none":
+        return CLASSIFICATION
+    from vgg_jax import localise_train
+
+    return localise_train
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +242,7 @@ def run_validation(
         )
         return {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
     totals: dict[str, float] = {}
-    for local_batch in streams.create_eval_iterator(config, split):
+    for local_batch in task_for(config).create_eval_iterator(config, split):
         sums = eval_step(params, parallel.global_batch(local_batch, mesh))
         for name, value in jax.device_get(sums).items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -301,14 +320,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     tx = optim.create_optimizer(config, steps_per_epoch)
     plateau = optim.PlateauControl(config)
     replicated, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    task = task_for(config)
     train_step = jax.jit(
-        steps.make_train_step(config, model, tx),
+        task.make_train_step(config, model, tx),
         in_shardings=(replicated, data_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        steps.make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
+        task.make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
     )
 
     # Restore (resume) > warm start > seeded init.
@@ -334,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     )
 
     root_key = jax.random.key(config.seed)
-    train_iter: Iterator[dict[str, np.ndarray]] = streams.create_train_iterator(config, start_step=start_step)
+    train_iter: Iterator[dict[str, np.ndarray]] = task.create_train_iterator(config, start_step=start_step)
     reporter = _Reporter(config, workdir, total_steps, start_step)
     guard = _FiniteGuard(manager, workdir)
 
