@@ -163,9 +163,7 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, merge_iou: float) -> tup
     return np.asarray(merged, np.float32)[ranked], np.asarray(merged_scores, np.float32)[ranked]
 
 
-def class_boxes(
-    boxes: np.ndarray, scores: np.ndarray, classes: Sequence[int], regression: str, merge_iou: float
-) -> np.ndarray:
+def class_boxes(boxes: np.ndarray, scores: np.ndarray, classes: Sequence[int], merge_iou: float) -> np.ndarray:
     """One merged box per class of `classes` (protocol 2).
 
     boxes: (M, K, 4) corners from M dense cells (all flips, scales and nets: their union); K = 1 (SCR)
@@ -173,7 +171,7 @@ def class_boxes(
     """
     result = []
     for c in classes:
-        candidates = boxes[:, 0 if regression == "scr" else int(c)]
+        candidates = boxes[:, 0 if boxes.shape[1] == 1 else int(c)]
         merged, _ = greedy_merge(candidates, scores[:, int(c)], merge_iou)
         result.append(merged[0] if len(merged) else np.zeros(4, np.float32))
     return np.asarray(result, np.float32).reshape(len(classes), 4)

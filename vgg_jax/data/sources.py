@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import embedded, embedded_loc
+from vgg_jax.data import embedded, embedded_loc, ilsvrc_loc  # noqa: F401 (ilsvrc_loc registers its builder)
 
 DEMO_HINT = "--config=configs/e.py:demo"
 EMBEDDED_DATASETS = (embedded.SklearnDigits.name, embedded_loc.SklearnDigitsLoc.name)
