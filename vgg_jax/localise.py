@@ -123,8 +123,8 @@ def dense_boxes(box_map: np.ndarray, image_size: tuple[int, int], crop: int, str
     """
     cells_y, cells_x = box_map.shape[:2]
     height, width = image_size
-    top = (np.arange(cells_y, dtype=np.float32) * stride)[:, None, None]
-    left = (np.arange(cells_x, dtype=np.float32) * stride)[None, :, None]
+    top = (np.arange(cells_y, dtype=np.float32) * stride)[:, None, None, None]  # (h, 1, K, corner pair)
+    left = (np.arange(cells_x, dtype=np.float32) * stride)[None, :, None, None]
     corners = np.asarray(params_to_corners(box_map), np.float32)  # window units
     ys = (top + corners[..., 0::2] * crop) / height
     xs = (left + corners[..., 1::2] * crop) / width

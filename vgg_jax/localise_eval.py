@@ -57,7 +57,7 @@ def protocol2(
     if max_examples:
         data = data.take(max_examples // jax.process_count())
     counts = np.zeros(3, np.int64)  # top-1 hits, top-5 hits, images
-    meter = progress.Progress(int(data.cardinality()) if int(data.cardinality()) > 0 else 0)
+    meter = progress.Progress(max_examples // jax.process_count() if max_examples else None)
     for example in data.as_numpy_iterator():
         found = localise_dense.localise_images(
             localisers, classifiers, [example["image"]], scales=scales, flip=loc.flip, merge_iou=loc.merge_iou, top_k=5

@@ -3,9 +3,9 @@
 Importing this module registers ``sklearn_digits_loc`` with TFDS (`vgg_jax.data.sources` does so); it
 prepares from the installed scikit-learn package, no download, deterministically.
 
-Each example is a 64×64 RGB PNG canvas: a grey noise background (uniform 0..47 per pixel) with one digit
-of `sklearn.datasets.load_digits()` enlarged by an integer factor f ∈ {2, …, 6} (nearest neighbour, so
-16–48 px) at a uniform random position. The digit's pixels with value > 0 are painted as
+Each example is a 64×64 RGB PNG canvas: a grey noise background (uniform 0..31 per pixel) with one digit
+of `sklearn.datasets.load_digits()` enlarged by an integer factor f ∈ {3, …, 6} (nearest neighbour, so
+24–48 px) at a uniform random position. The digit's pixels with value > 0 are painted as
 ``max(background, round(v·255/16))``; its box is the tight box of those pixels — exact, since the
 enlargement is by whole pixels. Features follow TFDS's detection sets (e.g. ``voc``): ``image``,
 ``label`` (the digit), ``objects`` = Sequence({``bbox``: BBox (ymin, xmin, ymax, xmax) / 64,
@@ -25,7 +25,7 @@ from etils import epath
 from vgg_jax.data import embedded
 
 CANVAS = 64
-FACTORS = (2, 3, 4, 5, 6)
+FACTORS = (3, 4, 5, 6)
 COPIES = {"train": 2, "test": 1}
 NUM_TRAIN = embedded.NUM_TRAIN * COPIES["train"]
 NUM_TEST = embedded.NUM_TEST * COPIES["test"]
@@ -40,7 +40,7 @@ def place_digit(digit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     factor = int(rng.choice(FACTORS))
     size = 8 * factor
     top, left = (int(v) for v in rng.integers(0, CANVAS - size + 1, size=2))
-    canvas = rng.integers(0, 48, size=(CANVAS, CANVAS), dtype=np.int64)
+    canvas = rng.integers(0, 32, size=(CANVAS, CANVAS), dtype=np.int64)
     big = np.kron(digit, np.ones((factor, factor), digit.dtype))
     ink = big > 0
     window = canvas[top : top + size, left : left + size]
