@@ -129,16 +129,7 @@ class BoxExamples:
 
     def read(self, builder: tfds.core.DatasetBuilder, split: Any, offset: int) -> tf.data.Dataset:
         """{'image' (encoded), 'label', 'boxes' (max_boxes, 4), 'box_mask', 'id', 'index'} in file order."""
-        image = self.image_feature
-        decoders = None
-        if isinstance(builder.info.features[image], tfds.features.Image):
-            decoders = {image: tfds.decode.SkipDecoding()}
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders=decoders,
-            read_config=tfds.ReadConfig(add_tfds_id=True, try_autocache=False),
-        )
+        ds = sources.encoded_split(builder, split, self.image_feature)
 
         def record(index, ex):
             boxes = tf.reshape(tf.cast(_get(ex, self.boxes_feature), tf.float32), [-1, 4])
@@ -150,7 +141,7 @@ class BoxExamples:
                 boxes = tf.boolean_mask(boxes, tf.cast(_get(ex, self.box_labels_feature), tf.int32) == label)
             boxes, mask = _pad(boxes, self.max_boxes)
             return {
-                "image": ex[image],
+                "image": ex[self.image_feature],
                 "label": label,
                 "boxes": boxes,
                 "box_mask": mask,

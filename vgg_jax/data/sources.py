@@ -211,19 +211,24 @@ def dataset_metadata(config: Any) -> DatasetMetadata:
 # --------------------------------------------------------------------------- records
 
 
-def read_records(builder: tfds.core.DatasetBuilder, split: Any, offset: int) -> tf.data.Dataset:
-    """{'image': encoded bytes (or uint8), 'label': int32, 'id': record name, 'index': int64} in file order.
-
-    'index' is the example's index in the whole split: its index in `split` (a shard) plus `offset`.
-    """
-    image_feature = builder.info.features["image"]
-    decoders = {"image": tfds.decode.SkipDecoding()} if isinstance(image_feature, tfds.features.Image) else None
-    ds = builder.as_dataset(
+def encoded_split(builder: tfds.core.DatasetBuilder, split: Any, image: str = "image") -> tf.data.Dataset:
+    """`split` in file order with its records' ids ('tfds_id'), the `image` feature left encoded."""
+    encoded = isinstance(builder.info.features[image], tfds.features.Image)
+    decoders = {image: tfds.decode.SkipDecoding()} if encoded else None
+    return builder.as_dataset(
         split=split,
         shuffle_files=False,
         decoders=decoders,
         read_config=tfds.ReadConfig(add_tfds_id=True, try_autocache=False),
     )
+
+
+def read_records(builder: tfds.core.DatasetBuilder, split: Any, offset: int) -> tf.data.Dataset:
+    """{'image': encoded bytes (or uint8), 'label': int32, 'id': record name, 'index': int64} in file order.
+
+    'index' is the example's index in the whole split: its index in `split` (a shard) plus `offset`.
+    """
+    ds = encoded_split(builder, split)
 
     def record(index, ex):
         return {
