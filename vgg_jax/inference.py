@@ -8,6 +8,7 @@
     clf.features(crops, layer="pool5")               # named activations
     clf.features(images, layer="fc7", dense=True)    # App. B descriptor (N, fc_width), unit L2 norm
     clf.features(images, dense=True, scales=(256, 384, 512), combine="stack")  # (N, 3·fc_width)
+    vgg_jax.load("runs/loc").localise(photos)        # App. A: top-5 classes, one box each
 
 Images are always uint8 RGB NHWC with values 0–255; the run's preprocessing
 (minus ``config.mean_rgb``) is applied here. Converted weights (``convert.py``)
@@ -327,6 +328,54 @@ class Classifier:
                 else:  # the raw pooled activations, combined the same way
                     result[name] = stacked.mean(1) if combine == "average" else stacked.reshape(len(stacked), -1)
         return result[layer] if isinstance(layer, str) else {name: result[name] for name in layers}
+
+    def localise(
+        self,
+        images: Any,
+        classifiers: Classifier | Sequence[Classifier] | None = None,
+        *,
+        top_k: int | None = None,
+        scales: int | Sequence[int] | None = None,
+        flip: bool | None = None,
+        merge_iou: float | None = None,
+    ) -> Any:
+        """Paper App. A, protocol 2, with this localisation net: top-k classes and one box each.
+
+        `images`: uint8 RGB, an (N, H, W, 3) batch or a list of (H, W, 3) images of any sizes.
+        `classifiers` give the class scores (several are fused); by default those of
+        ``config.loc.classifiers``, else the classifier this net started from (``warm_start.checkpoint``).
+        The other arguments default to ``config.loc``. Returns a `vgg_jax.localise_dense.Localisation`
+        (boxes as normalised corners; ``.pixel_boxes(i, H, W)`` for drawing).
+        """
+        from vgg_jax import localise_dense
+
+        if self.model.box_head == "none" or "loc" not in self.config:
+            raise ValueError(f"{self!r} has no box layer (fc8_box): load a localisation run (configs/loc.py)")
+        loc = self.config.loc
+        if classifiers is None:
+            classifiers = self._default_classifiers()
+        classifiers = [classifiers] if isinstance(classifiers, Classifier) else list(classifiers)
+        images = [self._check_images(np.asarray(image)[None], crop=False)[0] for image in images]
+        return localise_dense.localise_images(
+            [self],
+            classifiers,
+            images,
+            scales=self._scales(scales if scales is not None else tuple(loc.test_scales)),
+            flip=loc.flip if flip is None else flip,
+            merge_iou=loc.merge_iou if merge_iou is None else merge_iou,
+            top_k=loc.top_k if top_k is None else top_k,
+        )
+
+    def _default_classifiers(self) -> list[Classifier]:
+        if not hasattr(self, "_classifiers"):
+            spec = self.config.loc.classifiers or self.config.warm_start.checkpoint
+            runs = [part.strip() for part in spec.split(",") if part.strip()]
+            if not runs:
+                raise ValueError(
+                    "no classification net: pass classifiers=vgg_jax.load(...) or set config.loc.classifiers"
+                )
+            self._classifiers = [load(run, step="best", batch_size=self.batch_size) for run in runs]
+        return self._classifiers
 
 
 def class_names_for(config: ml_collections.ConfigDict, directory: str | None = None) -> list[str] | None:

@@ -261,6 +261,10 @@ class VGG(nn.Module):
         its activations (memory for compute; see bench/RESULTS.md).
       dense_ceil_mode: with ``dense=True``, pools round up (Caffe; the score map
         covers the whole image) instead of down; crops are unaffected.
+      box_head: paper App. A localisation: 'none' (fc8 gives class scores),
+        'scr' (the last layer, ``fc8_box``, regresses one box (cx, cy, w, h)
+        shared by all classes: 4 outputs) or 'pcr' (one box per class:
+        4·num_classes outputs, class-major). See `vgg_jax.localise`.
     """
 
     variant: str = "D"
@@ -276,6 +280,7 @@ class VGG(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     dense_ceil_mode: bool = True
+    box_head: str = "none"
 
     @property
     def fc6_window(self) -> int:
@@ -310,7 +315,8 @@ class VGG(nn.Module):
             raise ValueError(f"VGG expects NHWC RGB images (N, H, W, 3), got shape {x.shape}")
         height, width = x.shape[1:3]
         wanted = set(outputs or ())
-        unknown = wanted - set(feature_names(self.variant))
+        last = _last_layer(self)
+        unknown = wanted - set(feature_names(self.variant)[:-1] + [last])
         if unknown:
             raise ValueError(
                 f"unknown activation name(s) {sorted(unknown)} for VGG-{self.variant}; "
@@ -363,10 +369,25 @@ class VGG(nn.Module):
         if keep("fc7", x):
             return captured
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = FullyConnected(self.num_classes, 1, name="fc8", **head)(x, dense)
-        if keep("fc8", x):
+        x = FullyConnected(box_outputs(self) if last == "fc8_box" else self.num_classes, 1, name=last, **head)(x, dense)
+        if keep(last, x):
             return captured
         return x
+
+
+BOX_HEADS = ("none", "scr", "pcr")
+
+
+def _last_layer(model: VGG) -> str:
+    """'fc8' (class scores) or 'fc8_box' (App. A box regression: its own name, so a classifier never fills it)."""
+    if model.box_head not in BOX_HEADS:
+        raise ValueError(f"box_head={model.box_head!r}: expected one of {BOX_HEADS}")
+    return "fc8" if model.box_head == "none" else "fc8_box"
+
+
+def box_outputs(model: VGG) -> int:
+    """Width of fc8_box (paper App. A): 4 (SCR, one box for all classes) or 4 per class (PCR)."""
+    return 4 if model.box_head == "scr" else 4 * model.num_classes
 
 
 def from_config(config: Any, *, dtype: Any = None) -> VGG:
@@ -385,6 +406,7 @@ def from_config(config: Any, *, dtype: Any = None) -> VGG:
         dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
         remat=bool(config.get("remat", False)),
         dense_ceil_mode=model.get("dense_ceil_mode", True),
+        box_head=model.get("box_head", "none"),
     )
 
 

@@ -34,11 +34,27 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+# objective(outputs, batch) → (per-example loss (N,), per-example loss weight (N,), {'top1_correct', 'top5_correct'}
+# as (N,) floats): what the net's outputs are scored by. Classification by default; App. A localisation plugs in
+# its box loss (`vgg_jax.localise_train`).
+Objective = Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def classification_objective(
+    logits: jax.Array, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Paper §3.1: multinomial logistic loss, top-1 / top-5 hits."""
+    labels = batch["label"]
+    hits = {f"top{k}_correct": topk_correct(logits, labels, k) for k in (1, 5)}
+    return cross_entropy(logits, labels), jnp.ones(labels.shape, jnp.float32), hits
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: models.VGG,
     tx: optax.GradientTransformation,
     steps_per_epoch: int | None = None,
+    objective: Objective = classification_objective,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update.
 
@@ -61,21 +77,20 @@ def make_train_step(
         images = preprocess.preprocess_for_model(
             batch["image"], mean_rgb=mean_rgb, key=color_key, color_shift_std=color_shift_std, dtype=model.dtype
         )
-        labels = batch["label"]
 
-        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-            logits = forward(params, images, dropout_key)
-            return jnp.mean(cross_entropy(logits, labels)), logits
+        def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            losses, weights, hits = objective(forward(params, images, dropout_key), batch)
+            return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0), hits
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, hits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         learning_rate = optim.step_learning_rate(schedule, state.step, state.plateau)
         opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "top1_error": 1.0 - jnp.mean(topk_correct(logits, labels, 1)),
-            "top5_error": 1.0 - jnp.mean(topk_correct(logits, labels, 5)),
+            "top1_error": 1.0 - jnp.mean(hits["top1_correct"]),
+            "top5_error": 1.0 - jnp.mean(hits["top5_correct"]),
             "learning_rate": learning_rate,
             # An overflow can leave the loss finite one step before it isn't: check the update too.
             "params_finite": jnp.all(
@@ -87,18 +102,19 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(config: ml_collections.ConfigDict, model: models.VGG) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(
+    config: ml_collections.ConfigDict, model: models.VGG, objective: Objective = classification_objective
+) -> Callable[..., dict[str, jax.Array]]:
     """Sums (not means) of loss and top-1/top-5 hits over the unmasked examples of a batch."""
     mean_rgb = tuple(config.mean_rgb)
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         images = preprocess.preprocess_for_model(batch["image"], mean_rgb=mean_rgb, dtype=model.dtype)
-        logits = model.apply({"params": params}, images)
+        losses, weights, hits = objective(model.apply({"params": params}, images), batch)
         mask = batch["mask"].astype(jnp.float32)
         return {
-            "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-            "top1_correct": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
-            "top5_correct": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
+            "loss": jnp.sum(losses * weights * mask),
+            **{name: jnp.sum(value * mask) for name, value in hits.items()},
             "count": jnp.sum(mask),
         }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -92,6 +93,24 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
     return state.replace(params=params, opt_state=tx.init(params))
 
 
+# The task decides what the net outputs are scored by and what the streams carry: classification (§3.1), or
+# App. A localisation for a config with a box head (`vgg_jax.localise_train`, same four names).
+CLASSIFICATION = types.SimpleNamespace(
+    make_train_step=steps.make_train_step,
+    make_eval_step=steps.make_eval_step,
+    create_train_iterator=streams.create_train_iterator,
+    create_eval_iterator=streams.create_eval_iterator,
+)
+
+
+def task_for(config: ml_collections.ConfigDict) -> Any:
+    if config.model.get("box_head", "none") == "none":
+        return CLASSIFICATION
+    from vgg_jax import localise_train
+
+    return localise_train
+
+
 # ---------------------------------------------------------------------------
 # Pieces of the loop.
 
@@ -116,7 +135,7 @@ def run_validation(
         metrics = {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
         return metrics | _counts(config, split, float(result.get("num_examples", 0)))
     totals: dict[str, float] = {}
-    for local_batch in streams.create_eval_iterator(config, split):
+    for local_batch in task_for(config).create_eval_iterator(config, split):
         sums = eval_step(params, parallel.global_batch(local_batch, mesh))
         for name, value in jax.device_get(sums).items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -233,14 +252,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     tx = optim.create_optimizer(config, steps_per_epoch)
     plateau = optim.PlateauControl(config)
     replicated, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    task = task_for(config)
     train_step = jax.jit(
-        steps.make_train_step(config, model, tx, steps_per_epoch),
+        task.make_train_step(config, model, tx, steps_per_epoch),
         in_shardings=(replicated, data_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        steps.make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
+        task.make_eval_step(config, model), in_shardings=(replicated, data_sharding), out_shardings=replicated
     )
 
     # Restore (resume) > warm start > seeded init.
@@ -271,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     )
 
     root_key = jax.random.key(config.seed)
-    train_iter: Iterator[dict[str, np.ndarray]] = streams.create_train_iterator(config, start_step=start_step)
+    train_iter: Iterator[dict[str, np.ndarray]] = task.create_train_iterator(config, start_step=start_step)
     reporter = reporting.Reporter(config, workdir, total_steps, start_step, steps_per_epoch)
     step = start_step
     try:
@@ -288,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                 if (log or save) and (verdict := losses.check()) is not None:
                     state = _roll_back(config, verdict, losses, manager, state, mesh, workdir)
                     step = int(jax.device_get(state.step))
-                    train_iter = streams.create_train_iterator(config, start_step=step)
+                    train_iter = task.create_train_iterator(config, start_step=step)
                     reporter.restart(step)
                     continue
                 if log:

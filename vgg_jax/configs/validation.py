@@ -109,6 +109,7 @@ GROUPS: dict[str, bool] = {
     "warm_start": False,
     "distributed": True,
     "spike_guard": True,
+    "loc": True,
 }
 
 # Every field of configs/common.py, and the optional fields some configs carry. Keep in step with common.py:
@@ -194,6 +195,28 @@ FIELDS: dict[str, Spec] = {
 }
 
 
+# Paper App. A localisation (vgg_jax/configs/loc.py): checked only in configs that carry the `loc` group.
+LOC_FIELDS: dict[str, Spec] = {
+    "model.box_head": one_of("scr", "pcr"),  # one box for all classes, or one per class
+    "loc.finetune": one_of("all", "fc6-fc7"),
+    "loc.image_feature": text(nonempty=True, what="a TFDS feature"),
+    "loc.label_feature": text(nonempty=True, what="a TFDS ClassLabel feature, e.g. 'label' or 'objects/label'"),
+    "loc.boxes_feature": text(nonempty=True, what="a TFDS BBox feature, e.g. 'objects/bbox'"),
+    "loc.box_labels_feature": text(what="the boxes' classes; '' when every box is of the image's class"),
+    "loc.max_boxes": integer(1),
+    "loc.classifiers": text(what="classification run directories, comma-separated; '' for warm_start.checkpoint"),
+    "loc.test_scales": sequence(lambda v: is_int(v) and v >= 32, "integers >= 32 (test scales Q)"),
+    "loc.flip": boolean(),
+    "loc.merge_iou": number(0, 1),
+    "loc.top_k": integer(1),
+}
+
+
+def fields_of(config: Any) -> dict[str, Spec]:
+    """The specs that apply to `config`: FIELDS, and LOC_FIELDS when it has a `loc` group."""
+    return FIELDS | LOC_FIELDS if _is_group(config) and "loc" in config.keys() else FIELDS
+
+
 # --------------------------------------------------------------------------- cross-field rules
 
 
@@ -272,6 +295,15 @@ def _dataset_named(dataset: str, preprocessing: Any) -> str | None:
     return None
 
 
+def _loc_center_crop(box_head: str, eval_method: str) -> str | None:
+    if eval_method != "center_crop":
+        return (
+            f"config.eval_method={eval_method!r} with config.model.box_head={box_head!r}: localisation runs validate "
+            "on the centre crop (protocol 1); the dense protocol 2 is `python -m vgg_jax.localise_eval`"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("scale_min", "scale_max"), _scale_range),
     Rule(("crop_size", "scale_min"), _crop_in_scale),
@@ -281,6 +313,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("distributed.num_processes", "distributed.process_id"), _process_id_in_range),
     Rule(("class_names", "model.num_classes"), _class_names_match),
     Rule(("dataset", "preprocessing"), _dataset_named),
+    Rule(("model.box_head", "eval_method"), _loc_center_crop),
 )
 # Fields a rule may see absent (passed as _MISSING rather than skipping the rule).
 _RULE_MAY_BE_MISSING = frozenset({"preprocessing"})
@@ -298,7 +331,8 @@ def _flatten(config: Any) -> tuple[dict[str, Any], list[str]]:
     """{dotted field: value} for the leaves the table knows, and problems with the config's shape."""
     values: dict[str, Any] = {}
     found: list[str] = []
-    known = set(FIELDS) | set(GROUPS)
+    fields = fields_of(config)
+    known = set(fields) | set(GROUPS)
 
     def walk(node: Any, prefix: str) -> None:
         for key in sorted(node.keys(), key=str):
@@ -309,7 +343,7 @@ def _flatten(config: Any) -> tuple[dict[str, Any], list[str]]:
                     walk(value, path + ".")
                 else:
                     found.append(f"config.{path}={value!r}: expected a group of fields (a ConfigDict)")
-            elif path in FIELDS:
+            elif path in fields:
                 values[path] = value
             else:
                 guess = difflib.get_close_matches(path, sorted(known), n=1)
@@ -333,7 +367,7 @@ def problems(config: Any) -> list[str]:
             found.append(f"config.{group} is missing: expected a group of fields (a ConfigDict)")
         if absent or not _is_group(config[group]):  # reported once, as the group, not field by field
             bad.update(path for path in FIELDS if path.startswith(group + "."))
-    for path, spec in FIELDS.items():
+    for path, spec in fields_of(config).items():
         if path in bad:
             continue
         if path not in values:

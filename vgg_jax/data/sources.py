@@ -27,10 +27,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import embedded
+from vgg_jax.data import embedded, embedded_loc, ilsvrc_loc  # noqa: F401 (ilsvrc_loc registers its builder)
 
 DEMO_HINT = "--config=configs/e.py:demo"
-EMBEDDED_DATASETS = (embedded.SklearnDigits.name,)
+EMBEDDED_DATASETS = (embedded.SklearnDigits.name, embedded_loc.SklearnDigitsLoc.name)
 
 _PREPARED: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
 
@@ -56,11 +56,12 @@ def get_dataset_builder(config: Any) -> tfds.core.DatasetBuilder:
     """
     name = config.dataset
     data_dir = config.get("data_dir", "") or None
+    required = _required_features(config)
     if _tfds_is_mocked():
-        return _open_builder(name, data_dir)
+        return _open_builder(name, data_dir, required)
     key = (name, data_dir)
     if key not in _PREPARED:
-        builder = _open_builder(name, data_dir)
+        builder = _open_builder(name, data_dir, required)
         if not builder.is_prepared():
             _ensure_prepared(builder, download=bool(config.get("download", True)))
             # Re-open: a builder made before its data existed does not see the prepared split sizes.
@@ -69,7 +70,22 @@ def get_dataset_builder(config: Any) -> tfds.core.DatasetBuilder:
     return _PREPARED[key]
 
 
-def _open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _required_features(config: Any) -> tuple[str, ...]:
+    """'image' and 'label', or the features an App. A localisation config maps (``config.loc.*_feature``)."""
+    loc = config.get("loc")
+    if not loc:
+        return ("image", "label")
+    return tuple(loc[field] for field in ("image_feature", "label_feature", "boxes_feature"))
+
+
+def _feature(features: Any, path: str) -> Any:
+    """The feature at a '/'-separated path ('objects/label' is the label inside the 'objects' sequence)."""
+    for part in path.split("/"):
+        features = features[part]
+    return features
+
+
+def _open_builder(name: str, data_dir: str | None, required: tuple[str, ...]) -> tfds.core.DatasetBuilder:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
@@ -80,7 +96,7 @@ def _open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
             f"holds `{name}/<version>/`. The embedded demo needs no download: `{DEMO_HINT}`."
         ) from None
     features = builder.info.features
-    missing = [key for key in ("image", "label") if key not in features]
+    missing = [key for key in required if key.split("/")[0] not in features]
     if missing:
         raise ValueError(
             f"config.dataset={name!r} has no {' / '.join(missing)} feature (it has {sorted(features.keys())}); "
@@ -184,7 +200,7 @@ class DatasetMetadata:
 def dataset_metadata(config: Any) -> DatasetMetadata:
     """Name, classes and (through its builder) split sizes of `config.dataset`; raises like `get_dataset_builder`."""
     builder = get_dataset_builder(config)
-    label = builder.info.features["label"]
+    label = _feature(builder.info.features, _required_features(config)[1])
     num_classes = getattr(label, "num_classes", None)
     if not num_classes:
         raise ValueError(f"config.dataset={builder.name!r}: its 'label' feature is not a ClassLabel")
@@ -195,19 +211,24 @@ def dataset_metadata(config: Any) -> DatasetMetadata:
 # --------------------------------------------------------------------------- records
 
 
-def read_records(builder: tfds.core.DatasetBuilder, split: Any, offset: int) -> tf.data.Dataset:
-    """{'image': encoded bytes (or uint8), 'label': int32, 'id': record name, 'index': int64} in file order.
-
-    'index' is the example's index in the whole split: its index in `split` (a shard) plus `offset`.
-    """
-    image_feature = builder.info.features["image"]
-    decoders = {"image": tfds.decode.SkipDecoding()} if isinstance(image_feature, tfds.features.Image) else None
-    ds = builder.as_dataset(
+def encoded_split(builder: tfds.core.DatasetBuilder, split: Any, image: str = "image") -> tf.data.Dataset:
+    """`split` in file order with its records' ids ('tfds_id'), the `image` feature left encoded."""
+    encoded = isinstance(builder.info.features[image], tfds.features.Image)
+    decoders = {image: tfds.decode.SkipDecoding()} if encoded else None
+    return builder.as_dataset(
         split=split,
         shuffle_files=False,
         decoders=decoders,
         read_config=tfds.ReadConfig(add_tfds_id=True, try_autocache=False),
     )
+
+
+def read_records(builder: tfds.core.DatasetBuilder, split: Any, offset: int) -> tf.data.Dataset:
+    """{'image': encoded bytes (or uint8), 'label': int32, 'id': record name, 'index': int64} in file order.
+
+    'index' is the example's index in the whole split: its index in `split` (a shard) plus `offset`.
+    """
+    ds = encoded_split(builder, split)
 
     def record(index, ex):
         return {

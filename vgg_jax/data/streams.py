@@ -191,7 +191,13 @@ class _Iterator:
 
 
 def _train_dataset(
-    config: Any, *, start_step: int, process_index: int, process_count: int, with_details: bool = False
+    config: Any,
+    *,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    with_details: bool = False,
+    examples: Any = None,
 ) -> tuple[tf.data.Dataset, CorruptRecords]:
     check_train_config(config)
     local = _local_batch(config, "global_batch_size", process_count)
@@ -200,7 +206,8 @@ def _train_dataset(
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0")
     parts, sizes = _shard_sizes(builder, config.train_split, process_count)
-    records = sources.read_records(builder, parts[process_index], sum(sizes[:process_index]))
+    read = examples.read if examples is not None else sources.read_records
+    records = read(builder, parts[process_index], sum(sizes[:process_index]))
     seed, per_epoch = int(config.seed), spe * local
     buffer = max(1, int(config.get("shuffle_buffer", 10_000)))
 
@@ -220,6 +227,8 @@ def _train_dataset(
 
     def augment(ex):
         key = _stateless_key(seed, process_index, ex["epoch"], ex["index"])
+        if examples is not None:  # e.g. App. A: boxes follow the crop (vgg_jax.data.boxes)
+            return examples.augment(ex, key)
         image, details = image_ops.random_rescaled_crop(
             ex["image"], key, scale_min=smin, scale_max=smax, crop=crop, flip=flip, resize=resize
         )
@@ -234,20 +243,27 @@ def _train_dataset(
 
 
 def create_train_iterator(
-    config: Any, *, start_step: int = 0, process_index: int | None = None, process_count: int | None = None
+    config: Any,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    examples: Any = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless iterator of this process's training batches from step `start_step` on.
 
     Yields {'image': uint8 (local_batch, crop, crop, 3), 'label': int32 (local_batch,)} with
     local_batch = global_batch_size // process_count. Batch k of a stream started at step s equals
     batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt` counts skipped records.
+    `examples` (`.read`, `.augment(example, key)`, `.keys`) replaces the records and the augmentation,
+    keeping the shards, order and keys: `vgg_jax.data.boxes.BoxExamples` carries boxes (App. A).
     """
     index, count = _processes(process_index, process_count)
     shards = input_shards(config, count)
     _local_batch(config, "global_batch_size", count)
     per_process = shards // count
     streams = [
-        _train_dataset(config, start_step=start_step, process_index=shard, process_count=shards)
+        _train_dataset(config, start_step=start_step, process_index=shard, process_count=shards, examples=examples)
         for shard in range(index * per_process, (index + 1) * per_process)
     ]
     if per_process == 1:
@@ -258,14 +274,14 @@ def create_train_iterator(
             lambda *batches: {key: tf.concat([batch[key] for batch in batches], 0) for key in batches[0]}
         )
         corrupt = [c for _, c in streams]
-    return _Iterator(ds, corrupt, ("image", "label"))
+    return _Iterator(ds, corrupt, examples.keys if examples is not None else ("image", "label"))
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 def _eval_records(
-    config: Any, split: str | None, process_index: int | None, process_count: int | None
+    config: Any, split: str | None, process_index: int | None, process_count: int | None, read: Any = None
 ) -> tuple[tf.data.Dataset, CorruptRecords, list[int], int]:
     """This process's screened records of `split`, the screen, all shards' sizes, and the process count."""
     index, count = _processes(process_index, process_count)
@@ -273,7 +289,7 @@ def _eval_records(
     builder = sources.split_builder(config, split, "eval_split")
     parts, sizes = _shard_sizes(builder, split, count)
     corrupt = CorruptRecords(_corrupt_mode(config))
-    records = sources.read_records(builder, parts[index], sum(sizes[:index])).filter(corrupt.filter_fn)
+    records = (read or sources.read_records)(builder, parts[index], sum(sizes[:index])).filter(corrupt.filter_fn)
     return records, corrupt, sizes, count
 
 
