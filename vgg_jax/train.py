@@ -93,22 +93,19 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
     return state.replace(params=params, opt_state=tx.init(params))
 
 
-# The task decides what the net outputs are scored by and what the streams carry: classification (§3.1), or
-# App. A localisation for a config with a box head (`vgg_jax.localise_train`, same four names).
-CLASSIFICATION = types.SimpleNamespace(
-    make_train_step=steps.make_train_step,
-    make_eval_step=steps.make_eval_step,
-    create_train_iterator=streams.create_train_iterator,
-    create_eval_iterator=streams.create_eval_iterator,
-)
-
-
 def task_for(config: ml_collections.ConfigDict) -> Any:
-    if config.model.get("box_head", "none") == "none":
-        return CLASSIFICATION
-    from vgg_jax import localise_train
+    """What the net's outputs are scored by and what the streams carry (the same four names either way):
+    classification (§3.1), or App. A localisation for a config with a box head (`vgg_jax.localise_train`)."""
+    if config.model.get("box_head", "none") != "none":
+        from vgg_jax import localise_train  # only localisation runs need its box streams
 
-    return localise_train
+        return localise_train
+    return types.SimpleNamespace(  # looked up per call, so a test may substitute a step
+        make_train_step=steps.make_train_step,
+        make_eval_step=steps.make_eval_step,
+        create_train_iterator=streams.create_train_iterator,
+        create_eval_iterator=streams.create_eval_iterator,
+    )
 
 
 # ---------------------------------------------------------------------------
