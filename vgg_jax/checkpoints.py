@@ -79,14 +79,14 @@ def create_manager(
                 keep_checkpoints_without_metrics=False,
             )
         )
-    options = ocp.CheckpointManagerOptions(
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=async_save,
-        preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
-    )
     # Orbax warns that a read-only manager is read-only: that is what loading a run asks for.
     with console.without_messages("absl", "read_only=True", "is read only"):
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=async_save,
+            preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
+        )
         return ocp.CheckpointManager(
             epath.Path(directory) / CHECKPOINT_DIR,
             options=options,
