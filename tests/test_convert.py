@@ -299,3 +299,33 @@ def test_safetensors_files_read_without_torch(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConversionError, match="not a readable .safetensors"):
         weight_formats.from_timm_safetensors(tmp_path / "bad.safetensors", "B")
+
+
+def test_truncated_or_corrupt_weight_files_are_clear_errors(keras_files, tmp_path):
+    source = keras_files["files"]["VGG16", "published"]
+    truncated = tmp_path / "vgg16_truncated.h5"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    with pytest.raises(ConversionError, match="not a readable HDF5 file.*truncated or corrupt"):
+        convert.convert("keras", truncated, "D", tmp_path / "out_h5")
+    garbage = tmp_path / "vgg16.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ConversionError, match="not a readable .safetensors file"):
+        convert.convert("timm", garbage, "D", tmp_path / "out_st")
+    assert not (tmp_path / "out_h5").exists() and not (tmp_path / "out_st").exists()
+
+
+def test_truncated_torch_file_is_a_clear_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "vgg11.pth"
+    torch.save(_small_state_dict(torch, "A"), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ConversionError, match="not a readable PyTorch weight file.*truncated or corrupt"):
+        convert.convert("torchvision", path, "A", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_class_names_file_is_named(tmp_path, capsys):
+    argv = ["--source=keras", f"--weights={tmp_path / 'w.h5'}", "--variant=D", f"--out={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit):
+        convert.main([*argv, f"--class_names={tmp_path / 'no_names.txt'}"])
+    assert f"--class_names file {tmp_path / 'no_names.txt'} not found" in capsys.readouterr().err

@@ -231,3 +231,15 @@ def test_clear_errors(classifier):
         classifier.predict(_images(1, 40), dense=True, scales=(24, 32))
     with pytest.raises(FileNotFoundError, match="not a vgg_jax run directory"):
         vgg_jax.load("/nonexistent/run")
+
+
+def test_odd_images_are_refused_with_the_way_out(classifier):
+    grey, rgba = _images(2, 32)[..., :1], np.concatenate([_images(2, 32), _images(2, 32)[..., :1]], axis=-1)
+    for odd in (grey, rgba):
+        with pytest.raises(ValueError, match=r"got shape \(2, 32, 32, [14]\) \(grey: np.repeat\(x, 3, -1\); RGBA"):
+            classifier.predict(odd)
+    ragged = [_images(1, 40)[0], _images(1, 48)[0]]
+    with pytest.raises(ValueError, match=r"list of 2 images of 2 different shapes \(\(40, 40, 3\), \(48, 48, 3\)\)"):
+        classifier.predict(ragged, dense=True)
+    same_size = [_images(1, 40)[0], _images(1, 40)[0]]
+    assert classifier.predict(same_size, dense=True).class_ids.shape[0] == 2  # a list of one size is a batch

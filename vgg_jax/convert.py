@@ -193,6 +193,8 @@ def imagenet_classes() -> tuple[list[str], list[str]]:
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """One class name per line (trailing empty lines ignored)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--class_names file {path} not found (one class name per line)")
     lines = pathlib.Path(path).read_text().splitlines()
     while lines and not lines[-1].strip():
         lines.pop()

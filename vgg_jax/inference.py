@@ -175,9 +175,17 @@ class Classifier:
     # ------------------------------------------------------------------ helpers
 
     def _check_images(self, images: Any, *, crop: bool) -> np.ndarray | jax.Array:
+        expected = f"(N, {self.crop_size}, {self.crop_size}, 3)" if crop else "(N, H, W, 3)"
+        if isinstance(images, list | tuple):
+            shapes = sorted({tuple(np.shape(image)) for image in images})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"expected one batch {expected}, got a list of {len(images)} images of {len(shapes)} different "
+                    f"shapes ({', '.join(map(str, shapes[:3]))}{', …' if len(shapes) > 3 else ''}); pass images of "
+                    "one size together, e.g. one call per image with image[None]"
+                )
         if not hasattr(images, "shape") or not hasattr(images, "dtype"):
             images = np.asarray(images)
-        expected = f"(N, {self.crop_size}, {self.crop_size}, 3)" if crop else "(N, H, W, 3)"
         if images.dtype != np.uint8:
             raise TypeError(
                 f"expected uint8 RGB images with values 0-255 of shape {expected}, got dtype {images.dtype}; "
@@ -186,6 +194,8 @@ class Classifier:
         if images.ndim != 4 or images.shape[-1] != 3:
             hint = " (add a batch axis: images[None])" if images.ndim == 3 and images.shape[-1] == 3 else ""
             hint = hint or (" (grey images: np.repeat(x[..., None], 3, -1))" if images.ndim == 3 else "")
+            if images.ndim == 4 and images.shape[-1] in (1, 4):
+                hint = " (grey: np.repeat(x, 3, -1); RGBA: x[..., :3])"
             raise ValueError(f"expected uint8 RGB images of shape {expected}, got shape {images.shape}{hint}")
         if crop and images.shape[1:3] != (self.crop_size, self.crop_size):
             raise ValueError(

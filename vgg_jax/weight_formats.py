@@ -46,7 +46,13 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
     import h5py
 
     layers: dict[str, list[np.ndarray]] = {}
-    with h5py.File(path, "r") as f:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise ConversionError(
+            f"{path}: not a readable HDF5 file ({error}); the file may be truncated or corrupt"
+        ) from error
+    with handle as f:
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" in root.attrs:  # legacy Keras 1/2 layout (and Keras 3's legacy model.save('x.h5'))
             for layer in map(_decode, root.attrs["layer_names"]):
@@ -163,7 +169,13 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "reading a torchvision .pth file needs PyTorch (`pip install torch`); alternatively pass a dict of "
             "NumPy arrays to from_torchvision_state_dict"
         ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError) as error:  # also torch's refusal of non-weight objects
+        raise ConversionError(
+            f"{path}: not a readable PyTorch weight file ({type(error).__name__}: {error}); the file may be "
+            "truncated or corrupt, or not a plain state dict"
+        ) from error
     if not isinstance(state, Mapping):
         raise ConversionError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state)}")
     return {
