@@ -151,6 +151,19 @@ class BoxExamples:
 
         return ds.enumerate().map(record, num_parallel_calls=tf.data.AUTOTUNE)
 
+    def centre_crop(self, example: dict, q: int, crop: int, resize: str) -> dict:
+        """Protocol 1's view: the centre crop at Q, with its boxes."""
+        image, boxes = centre_crop_with_boxes(example["image"], example["boxes"], q, crop, resize)
+        return {"image": image, "label": example["label"], "boxes": boxes, "box_mask": example["box_mask"]}
+
+    def padding(self, crop: int) -> dict:
+        return {
+            "image": tf.zeros([crop, crop, 3], tf.uint8),
+            "label": tf.constant(0, tf.int32),
+            "boxes": tf.zeros([self.max_boxes, 4], tf.float32),
+            "box_mask": tf.zeros([self.max_boxes], tf.bool),
+        }
+
     def augment(self, example: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
         image, boxes, _ = random_crop_with_boxes(example["image"], example["boxes"], key, **self.augmentation)
         return {"image": image, "label": example["label"], "boxes": boxes, "box_mask": example["box_mask"]}
@@ -164,47 +177,10 @@ def create_train_iterator(config: Any, *, start_step: int = 0, **processes: Any)
     return streams.create_train_iterator(config, start_step=start_step, examples=BoxExamples(config), **processes)
 
 
-def create_eval_iterator(
-    config: Any,
-    split: str | None = None,
-    *,
-    scale: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Protocol 1 batches: centre crops at Q (default ``config.eval_scale``) with boxes, padded and masked.
-
-    Yields `streams.num_eval_batches(config, split)` batches of {'image', 'label', 'boxes', 'box_mask',
-    'mask'}; padding rows have mask False.
-    """
-    q = int(scale if scale is not None else config.eval_scale)
-    streams.check_eval_scale(config, q)
-    examples = BoxExamples(config)
-    records, corrupt, sizes, count = streams._eval_records(config, split, process_index, process_count, examples.read)
-    local = streams._local_batch(config, "eval_batch_size", count)
-    crop, resize = int(config.crop_size), config.get("resize_method", "exact")
-
-    def preprocess(ex):
-        image, boxes = centre_crop_with_boxes(ex["image"], ex["boxes"], q, crop, resize)
-        return {
-            "image": image,
-            "label": ex["label"],
-            "boxes": boxes,
-            "box_mask": ex["box_mask"],
-            "mask": tf.constant(True),
-        }
-
-    ds = corrupt.tolerate(records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE))
-    padding = {
-        "image": tf.zeros([crop, crop, 3], tf.uint8),
-        "label": tf.constant(0, tf.int32),
-        "boxes": tf.zeros([examples.max_boxes, 4], tf.float32),
-        "box_mask": tf.zeros([examples.max_boxes], tf.bool),
-        "mask": tf.constant(False),
-    }
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-    ds = ds.batch(local, drop_remainder=True).take(streams._eval_batches(sizes, local)).prefetch(tf.data.AUTOTUNE)
-    return streams._Iterator(ds.with_options(streams.tf_data_options(config)), corrupt, (*KEYS, "mask"))
+def create_eval_iterator(config: Any, split: str | None = None, **options: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Protocol 1 batches: `streams.create_eval_iterator` with boxes — centre crops at Q (default
+    ``config.eval_scale``) of {'image', 'label', 'boxes', 'box_mask', 'mask'}; padding rows have mask False."""
+    return streams.create_eval_iterator(config, split, examples=BoxExamples(config), **options)
 
 
 def load_eval_images(

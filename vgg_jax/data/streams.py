@@ -328,28 +328,32 @@ def create_eval_iterator(
     scale: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    examples: Any = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Centre crops of the images rescaled to Q = `scale` (default `config.eval_scale`), padded batches.
 
     Yields `num_eval_batches(config, split)` batches of {'image': uint8 (local_eval_batch, crop, crop, 3),
-    'label': int32, 'mask': bool}; padding examples (zeros, label 0) have mask False.
+    'label': int32, 'mask': bool}; padding examples (zeros, label 0) have mask False. `examples`
+    (`.read`, `.centre_crop(example, q, crop, resize)`, `.padding(crop)`, `.keys`) replaces the records and
+    the crop, e.g. App. A's boxes that follow it (`vgg_jax.data.boxes`).
     """
     q = int(scale if scale is not None else config.eval_scale)
     check_eval_scale(config, q)
-    records, corrupt, sizes, count = _eval_records(config, split, process_index, process_count)
+    read = examples.read if examples is not None else None
+    records, corrupt, sizes, count = _eval_records(config, split, process_index, process_count, read)
     local = _local_batch(config, "eval_batch_size", count)
     crop, resize = int(config.crop_size), _resize_method(config)
 
     def preprocess(ex):
+        if examples is not None:
+            return examples.centre_crop(ex, q, crop, resize) | {"mask": tf.constant(True)}
         image = image_ops.rescaled_crop(ex["image"], q, crop, resize=resize)
         return {"image": image, "label": ex["label"], "mask": tf.constant(True)}
 
     ds = corrupt.tolerate(records.map(preprocess, num_parallel_calls=_AUTOTUNE))
-    padding = {
-        "image": tf.zeros([crop, crop, 3], tf.uint8),
-        "label": tf.constant(0, tf.int32),
-        "mask": tf.constant(False),
-    }
+    padding = {"image": tf.zeros([crop, crop, 3], tf.uint8), "label": tf.constant(0, tf.int32)}
+    padding = (examples.padding(crop) if examples is not None else padding) | {"mask": tf.constant(False)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
     ds = ds.batch(local, drop_remainder=True).take(_eval_batches(sizes, local)).prefetch(_AUTOTUNE)
-    return _Iterator(ds.with_options(tf_data_options(config)), corrupt, ("image", "label", "mask"))
+    keys = (*(examples.keys if examples is not None else ("image", "label")), "mask")
+    return _Iterator(ds.with_options(tf_data_options(config)), corrupt, keys)
