@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import jax
 import ml_collections
@@ -19,7 +18,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from vgg_jax import progress
+from vgg_jax import console, progress
 
 
 class Reporter:
@@ -34,7 +33,7 @@ class Reporter:
         # TensorBoard only: clu's default writer also logs every scalar, a second line per step.
         self.writer = metric_writers.SummaryWriter(workdir) if self.is_chief else metric_writers.MultiWriter([])
         if start_step == 0 and self.is_chief:
-            self.writer.write_hparams(flatten(config.to_dict()))
+            self.writer.write_hparams(console.flatten(config.to_dict()))
         self.progress = progress.Progress(total_steps, done=start_step)
 
     def restart(self, step: int) -> None:
@@ -93,14 +92,3 @@ class Reporter:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict → {'a.b': scalar}, for TensorBoard's hyper-parameters."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
