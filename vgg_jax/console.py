@@ -65,6 +65,15 @@ def quiet() -> None:
     tfds.disable_progress_bar()
 
 
+def setup_command() -> None:
+    """What each absl command line does first: library chatter off unless asked for, TensorFlow imported quietly."""
+    from absl import flags
+
+    if not verbose_requested(flags.FLAGS["verbosity"].present > 0):
+        quiet()
+    import_tensorflow_quietly()
+
+
 def import_tensorflow_quietly() -> None:
     """Imports TensorFlow with its C++ start-up notices dropped (other stderr output is replayed)."""
     if "tensorflow" in sys.modules:

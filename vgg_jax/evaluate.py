@@ -373,9 +373,7 @@ def _main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
     overrides = {}
-    if not console.verbose_requested(values["verbosity"].present > 0):
-        console.quiet()
-    console.import_tensorflow_quietly()
+    console.setup_command()
     if values.data_dir:
         overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:

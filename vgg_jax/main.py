@@ -33,9 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not console.verbose_requested(flags.FLAGS["verbosity"].present > 0):
-        console.quiet()
-    console.import_tensorflow_quietly()
+    console.setup_command()
     import jax
 
     from vgg_jax import parallel, train

@@ -181,7 +181,7 @@ def _builder(dataset: str, data_dir: str | None) -> Any:
 
     from vgg_jax.data import sources
 
-    if sources._tfds_is_mocked():
+    if sources.tfds_is_mocked():
         return tfds.builder(dataset, data_dir=data_dir)
     if dataset in sources.EMBEDDED_DATASETS:
         return sources.get_dataset_builder(ml_collections.ConfigDict({"dataset": dataset, "data_dir": data_dir or ""}))
@@ -365,9 +365,7 @@ def _main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    if not console.verbose_requested(values["verbosity"].present > 0):
-        console.quiet()
-    console.import_tensorflow_quietly()
+    console.setup_command()
     step: int | str = int(values.step) if values.step.isdigit() else values.step
     try:
         scales = [int(q) for q in values.scales.split(",") if q.strip()]

@@ -191,7 +191,7 @@ def load_eval_images(
     Elements: {'image': uint8 (H, W, 3), 'label', 'boxes' (max_boxes, 4), 'box_mask', 'index'}.
     """
     examples = BoxExamples(config)
-    records, corrupt, _, _ = streams._eval_records(config, split, process_index, process_count, examples.read)
+    records, corrupt, _, _ = streams.eval_records(config, split, process_index, process_count, examples.read)
 
     def decode(ex):
         return {key: ex[key] for key in ("label", "boxes", "box_mask", "index")} | {
@@ -209,7 +209,7 @@ def dataset_has_boxes(config: Any) -> None:
         path = config.loc[field]
         try:
             if path:
-                sources._feature(features, path)
+                sources.feature(features, path)
         except KeyError:
             raise ValueError(
                 f"config.loc.{field}={path!r}: {config.dataset!r} has no such feature; it has {sorted(features.keys())}"

@@ -42,7 +42,7 @@ class CorruptImageError(RuntimeError):
 # --------------------------------------------------------------------------- builders
 
 
-def _tfds_is_mocked() -> bool:
+def tfds_is_mocked() -> bool:
     """True inside `tfds.testing.mock_data` (nothing is prepared there, and nothing needs to be)."""
     fn = tfds.core.DatasetBuilder.download_and_prepare
     return "mock" in getattr(fn, "__name__", "")
@@ -57,7 +57,7 @@ def get_dataset_builder(config: Any) -> tfds.core.DatasetBuilder:
     name = config.dataset
     data_dir = config.get("data_dir", "") or None
     required = _required_features(config)
-    if _tfds_is_mocked():
+    if tfds_is_mocked():
         return _open_builder(name, data_dir, required)
     key = (name, data_dir)
     if key not in _PREPARED:
@@ -78,7 +78,7 @@ def _required_features(config: Any) -> tuple[str, ...]:
     return tuple(loc[field] for field in ("image_feature", "label_feature", "boxes_feature"))
 
 
-def _feature(features: Any, path: str) -> Any:
+def feature(features: Any, path: str) -> Any:
     """The feature at a '/'-separated path ('objects/label' is the label inside the 'objects' sequence)."""
     for part in path.split("/"):
         features = features[part]
@@ -200,7 +200,7 @@ class DatasetMetadata:
 def dataset_metadata(config: Any) -> DatasetMetadata:
     """Name, classes and (through its builder) split sizes of `config.dataset`; raises like `get_dataset_builder`."""
     builder = get_dataset_builder(config)
-    label = _feature(builder.info.features, _required_features(config)[1])
+    label = feature(builder.info.features, _required_features(config)[1])
     num_classes = getattr(label, "num_classes", None)
     if not num_classes:
         raise ValueError(f"config.dataset={builder.name!r}: its 'label' feature is not a ClassLabel")

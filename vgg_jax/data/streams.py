@@ -280,7 +280,7 @@ def create_train_iterator(
 # --------------------------------------------------------------------------- evaluation
 
 
-def _eval_records(
+def eval_records(
     config: Any, split: str | None, process_index: int | None, process_count: int | None, read: Any = None
 ) -> tuple[tf.data.Dataset, CorruptRecords, list[int], int]:
     """This process's screened records of `split`, the screen, all shards' sizes, and the process count."""
@@ -300,7 +300,7 @@ def load_eval_images(
 
     Elements: {'image': uint8 full-size RGB (H, W, 3), 'label': int32, 'index': int64 (index in the split)}.
     """
-    records, corrupt, _, _ = _eval_records(config, split, process_index, process_count)
+    records, corrupt, _, _ = eval_records(config, split, process_index, process_count)
 
     def decode(ex):
         return {"image": image_ops.decode_rgb(ex["image"]), "label": ex["label"], "index": ex["index"]}
@@ -340,7 +340,7 @@ def create_eval_iterator(
     q = int(scale if scale is not None else config.eval_scale)
     check_eval_scale(config, q)
     read = examples.read if examples is not None else None
-    records, corrupt, sizes, count = _eval_records(config, split, process_index, process_count, read)
+    records, corrupt, sizes, count = eval_records(config, split, process_index, process_count, read)
     local = _local_batch(config, "eval_batch_size", count)
     crop, resize = int(config.crop_size), _resize_method(config)
 
