@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import protocols
 from vgg_jax.data import image_ops, sources
 from vgg_jax.data.sources import CorruptImageError, CorruptRecords
 
@@ -71,11 +72,13 @@ def check_train_config(config: Any) -> None:
 
 def check_eval_scale(config: Any, scale: int) -> None:
     """Clear errors when the centre crop does not fit the test scale Q, or for the corrupt-record mode."""
-    if int(config.crop_size) > scale:
+    try:
+        protocols.check_scales([scale], int(config.crop_size))  # the one statement of the rule
+    except ValueError as error:
         raise ValueError(
             f"config.crop_size={config.crop_size} is larger than the test scale Q={scale} (config.eval_scale): "
-            "the centre crop must fit in the rescaled image"
-        )
+            f"the centre crop must fit in the rescaled image ({error})"
+        ) from None
     _corrupt_mode(config)
 
 
