@@ -69,9 +69,9 @@ def setup_command() -> None:
     """What each absl command line does first: library chatter off unless asked for, TensorFlow imported quietly."""
     from absl import flags
 
+    import_tensorflow_quietly()  # first: quiet() imports TFDS, which may import TensorFlow
     if not verbose_requested(flags.FLAGS["verbosity"].present > 0):
         quiet()
-    import_tensorflow_quietly()
 
 
 def import_tensorflow_quietly() -> None:
