@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import statistics
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -111,3 +113,80 @@ def read_record(stream: Any) -> dict[str, Any]:
 
 def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# --- Is the machine quiet? -------------------------------------------------------------------------------------
+# XLA:CPU and PyTorch lose different amounts to other work on the same cores, so a ratio taken while anything
+# else ran is not a measurement. The load average alone cannot tell: it counts our own threads too, and lags by
+# a minute. What does tell is the CPU time the whole machine spent during the run minus the CPU time of this
+# process tree (the benchmark and its workers): the "foreign" cores.
+FOREIGN_CORES_QUIET = 0.15  # above this many cores of other work on average, numbers are marked busy
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _machine_busy_ticks() -> int:
+    fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _tree_ticks(root: int) -> int:
+    """utime + stime of `root` and its live descendants, plus the reaped children `root` waited for."""
+    stats: dict[int, tuple[int, int, int]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = text[text.rindex(")") + 2 :].split()  # fields after "pid (comm)"
+        ppid, utime, stime, cutime, cstime = int(rest[1]), int(rest[11]), int(rest[12]), int(rest[13]), int(rest[14])
+        own = utime + stime + (cutime + cstime if int(entry.name) == root else 0)
+        stats[int(entry.name)] = (ppid, own, 0)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0, 0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class Quietness:
+    """Measures how much other work shared the machine between `start()` and `stop()`."""
+
+    def start(self) -> Quietness:
+        self.load_before = load_average()
+        self.wall = time.perf_counter()
+        self.available = pathlib.Path("/proc/stat").exists()
+        if self.available:
+            self.machine, self.tree = _machine_busy_ticks(), _tree_ticks(os.getpid())
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.wall
+        record: dict[str, Any] = {"load_before": self.load_before, "load_after": load_average()}
+        if self.available:
+            ticks = os.sysconf("SC_CLK_TCK")
+            machine = (_machine_busy_ticks() - self.machine) / ticks
+            ours = (_tree_ticks(os.getpid()) - self.tree) / ticks
+            record["foreign_cores"] = max(0.0, machine - ours) / max(seconds, 1e-9)
+            record["quiet"] = record["foreign_cores"] <= FOREIGN_CORES_QUIET
+        else:
+            record["foreign_cores"], record["quiet"] = float("nan"), False
+        return record
+
+
+def load_line(record: dict[str, Any]) -> str:
+    """One line for the report: the load, and whether a verdict may be drawn."""
+    line = (
+        f"load average {record['load_before']:.2f} → {record['load_after']:.2f}; other work during the run: "
+        f"{record['foreign_cores']:.2f} cores"
+    )
+    return line + ("" if record["quiet"] else "  ** BUSY MACHINE: numbers marked, no verdict **")

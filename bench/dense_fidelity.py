@@ -2,12 +2,13 @@
 
 `python bench/dense_fidelity.py --checkpoint=runs/demo` (bench/RESULTS.md, "Dense evaluation fidelity"):
 
-1. pooling: top-1 error of dense evaluation computed per image (no canvases) with floor-mode and
-   ceil-mode (`VGG.dense_ceil_mode`, the default) pools, at each Q of `--scales`;
+1. pooling: top-1 error of dense evaluation computed per image (no canvases) under each rule of
+   `protocols.DENSE_POOLING` (centre: sides trimmed evenly to multiples of 32, the default; ceil: Caffe's
+   pooling; floor), at each Q of `--scales`;
 2. bucketing: the test images padded with background to random aspect ratios in [1, 2.5] (the
    digits are square, so their canvases would be exact anyway), then dense posteriors from shared
    canvases with the conv masking (`runner.masked_dense_apply`), without it (the former
-   bucketing), and per image shape ('exact'), with floor and ceil pools: max |Δ posterior| to
+   bucketing), and per image shape ('exact'), under each rule: max |Δ posterior| to
    'exact' and the top-1 errors.
 """
 
@@ -41,10 +42,10 @@ def main() -> None:
     def error(posteriors):
         return float(protocols.topk_errors(posteriors, labels, ks=(1,))["top1_error"])
 
-    def dense(model, examples, scales, buckets):
+    def dense(model, examples, scales, buckets, pooling):
         result = runner.run_evaluation(
             model, params, examples, methods=["dense"], scales=scales, mean_rgb=config.mean_rgb,
-            batch_size=200, dense_buckets=buckets, flips=flips, log_every_s=1e9,
+            batch_size=200, dense_buckets=buckets, flips=flips, log_every_s=1e9, dense_pooling=pooling,
         )  # fmt: skip
         return result["posteriors"]["dense"]
 
@@ -52,10 +53,7 @@ def main() -> None:
     for q in [int(v) for v in args.scales.split(",") if v]:
         scaled = [{"index": i, "label": 0, "scaled": {q: np.asarray(protocols.resize_smaller_side(im[None], q))[0]}}
                   for i, im in enumerate(images)]  # fmt: skip
-        rows["pooling"][q] = {
-            mode: error(dense(base.clone(dense_ceil_mode=mode == "ceil"), scaled, [q], "exact"))
-            for mode in ("floor", "ceil")
-        }
+        rows["pooling"][q] = {mode: error(dense(base, scaled, [q], "exact", mode)) for mode in protocols.DENSE_POOLING}
         print("pooling", q, rows["pooling"][q], flush=True)
 
     rng = np.random.default_rng(0)
@@ -69,15 +67,15 @@ def main() -> None:
         padded.append(
             {"index": i, "label": 0, "scaled": {q: np.asarray(protocols.resize_smaller_side(wide[None], q))[0]}}
         )
-    for mode in ("floor", "ceil"):
-        model = base.clone(dense_ceil_mode=mode == "ceil")
-        exact = dense(model, padded, [q], "exact")
-        masked = dense(model, padded, [q], "aspect")
+    for mode in protocols.DENSE_POOLING:
+        model = base
+        exact = dense(model, padded, [q], "exact", mode)
+        masked = dense(model, padded, [q], "aspect", mode)
         plain = runner.masked_dense_apply
         runner.masked_dense_apply = lambda model, p, x, h, w, **kw: model.apply({"params": p}, x, dense=True, **kw)
         runner._JIT_CACHE.clear()
         try:
-            unmasked = dense(model, padded, [q], "aspect")  # the former bucketing: padding seen by the convs
+            unmasked = dense(model, padded, [q], "aspect", mode)  # the former bucketing: padding seen by the convs
         finally:
             runner.masked_dense_apply = plain
             runner._JIT_CACHE.clear()

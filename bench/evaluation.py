@@ -27,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import common  # noqa: E402
+
 
 def paper_test_scales(crop: int) -> tuple[list[int], list[int]]:
     single = [round(256 * crop / 224)]
@@ -178,7 +180,9 @@ def main(argv: list[str]) -> None:
         settings.update(variant="A", crop=32, num_images=4, batch_size=16, repeats=1)
     import jax
 
+    quietness = common.Quietness().start()
     rows = run_benchmark(**settings)
+    load = quietness.stop()
     print(f"# {jax.devices()[0].device_kind} x{jax.device_count()}, {platform.node()}, settings {settings}")
     print("| protocol | test Q | images/s | speed vs dense 1 scale | GMACs/image | GMACs vs dense 1 scale |")
     print("|---|---|---|---|---|---|")
@@ -191,7 +195,8 @@ def main(argv: list[str]) -> None:
             f"| {row['method']} {row['views']} | {scales} | {speed} | {row['gmacs_per_image']:.3g} | "
             f"{row['gmacs_relative_to_dense_1_scale']:.1f}x |"
         )
-    print(json.dumps({"settings": settings, "rows": rows}))
+    print(common.load_line(load))
+    print(json.dumps({"settings": settings, "rows": rows, "load": load}))
 
 
 if __name__ == "__main__":

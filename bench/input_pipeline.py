@@ -32,6 +32,9 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench import common  # noqa: E402
 
 
 def make_images(out_dir: str, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
@@ -169,12 +172,15 @@ def _measure(args, pipeline: str, cores: int) -> dict:
     command += [f"--_images={args.images}", f"--repeats={args.repeats}", f"--batch={args.batch}"]
     command += [f"--scale_min={args.scale_min}", f"--scale_max={args.scale_max}", f"--crop={args.crop}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    quietness = common.Quietness().start()
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    load = quietness.stop()
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{pipeline} on {cores} core(s) failed:\n{out.stderr[-3000:]}")
     result = json.loads(line[len("RESULT ") :])
     result["median"] = statistics.median(result["rates"])
+    result["load"] = load
     return result
 
 
@@ -211,14 +217,20 @@ def main(argv=None) -> dict:
             for cores in sorted({1, all_cores}):
                 result = _measure(args, pipeline, cores)
                 results.append(result)
-                print(f"{pipeline:9s} {result['cores']} core(s): {result['median']:8.1f} images/s", flush=True)
+                print(
+                    f"{pipeline:16s} {result['cores']} core(s): {result['median']:8.1f} images/s   "
+                    + common.load_line(result["load"]),
+                    flush=True,
+                )
     summary = {"results": results, "num_images": args.num_images, "image_size": size, "tiny": args.tiny}
     by = {(r["pipeline"], r["cores"]): r["median"] for r in results}
     for cores in sorted({r["cores"] for r in results}):
         if ("tf_fast", cores) in by and ("pil", cores) in by:
             speedup = by[("tf_fast", cores)] / by[("pil", cores)]
             summary[f"speedup_vs_pil_{cores}core"] = speedup
-            print(f"tf_fast / pil on {cores} core(s): {speedup:.2f}x")
+            quiet = all(r["load"]["quiet"] for r in results if r["cores"] == cores)
+            mark = "" if quiet else " (busy machine: not a measurement)"
+            print(f"tf_fast / pil on {cores} core(s): {speedup:.2f}x{mark}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -7,9 +7,8 @@ matrices) plus the perceptual (feature MSE) loss, and its gradient with
 respect to the images. Same random weights, same images, same loss in both
 frameworks, on the same CPU, in one process; rounds alternate (ours, theirs,
 ours, …) so that both see the same machine load. Reported: median seconds per
-step, images/s and the ratio; the load average before and after (numbers taken
-with a 1-minute load above 1 are marked, since other work then shared the
-cores).
+step, images/s and the ratio; the load average and the CPU time other processes
+took meanwhile (bench/common.py: a busy machine's numbers are marked, no verdict).
 
     python bench/perceptual.py                       # batch 16 at 256², VGG-19 relu1_1…relu5_1
     python bench/perceptual.py --batch 2 --reps 5    # what a 2-core machine manages
@@ -31,10 +30,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-
-
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def build_ours(args: argparse.Namespace):
@@ -134,8 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.batch, args.size, args.width, args.reps = 1, 32, 1 / 16, 2
     common.quiet_tensorflow()
-    load_before = _load()
-
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -153,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             print("PyTorch not installed: timing ours only")
     theirs_loss = theirs(images, targets) if theirs else None  # warm-up
     times: dict[str, list[float]] = {"ours": [], "torch": []}
+    quietness = common.Quietness().start()
     for _ in range(args.reps):
         for name, run in (("ours", ours), ("torch", theirs)):
             if run is None:
@@ -160,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             run(images, targets)
             times[name].append(time.perf_counter() - start)
-    load_after = _load()
+    load = quietness.stop()
     result = dict(
         batch=args.batch,
         size=args.size,
@@ -171,23 +165,22 @@ def main(argv: list[str] | None = None) -> dict:
         compile_s=compile_s,
         ours_s=common.median(times["ours"]),
         ours_loss=ours_loss,
-        load_before=load_before,
-        load_after=load_after,
-        loaded=max(load_before, load_after) > 1,
+        load=load,
+        loaded=not load["quiet"],
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
     )
     if theirs:
         result.update(torch_s=common.median(times["torch"]), torch_loss=theirs_loss)
         result["ratio_ours_over_torch"] = result["torch_s"] / result["ours_s"]  # > 1: ours is faster
-    mark = " (load > 1: shared machine)" if result["loaded"] else ""
     print(f"VGG-19 {', '.join(layers)}; batch {args.batch} at {args.size}², width {args.width:g}, {args.dtype}")
     ours_rate = args.batch / result["ours_s"]
     print(f"ours: {result['ours_s']:.3f} s/step ({ours_rate:.2f} images/s), compile {compile_s:.1f} s")
     if theirs:
         print(f"PyTorch: {result['torch_s']:.3f} s/step ({args.batch / result['torch_s']:.2f} images/s)")
         ratio = result["ratio_ours_over_torch"]
-        print(f"ours/PyTorch speed: {ratio:.2f}x; losses {ours_loss:.6g} vs {theirs_loss:.6g}")
-    print(f"load average (1 min) before {load_before:.2f}, after {load_after:.2f}{mark}")
+        verdict = " (busy machine: not a measurement)" if result["loaded"] else ""
+        print(f"ours/PyTorch speed: {ratio:.2f}x{verdict}; losses {ours_loss:.6g} vs {theirs_loss:.6g}")
+    print(common.load_line(load))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -55,6 +55,9 @@ CPU_FLAG_VARIANTS: dict[str, str] = {
     "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
     "no YNNPACK convs + oneDNN + XNNPACK graph fusion": f"{NO_YNN_CONV} --xla_cpu_use_onednn=true "
     "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    # XLA's oneDNN convolution rewriter, if this jaxlib has it (the compiled step shows whether convs moved).
+    "no YNNPACK convs + oneDNN custom calls": f"{NO_YNN_CONV} --xla_cpu_use_onednn=true "
+    "--xla_cpu_experimental_onednn_custom_call=true",
 }
 
 TINY = dict(
@@ -285,6 +288,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             state, metrics = compiled(state, batch, key)
         jax.block_until_ready(state)
         ours, theirs, torch_loss = [], [], None
+        quietness = common.Quietness().start()
         for _ in range(args.repeats):
             start = time.perf_counter()
             for _ in range(args.steps):
@@ -296,6 +300,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 theirs.append(record["seconds"] / args.steps)
                 torch_loss = record["loss"]
                 result["torch_peak_bytes"] = record.get("peak_bytes")
+        result["load"] = quietness.stop()
         result["loss"] = float(metrics["loss"])
         stats = device.memory_stats() or {}
         if "peak_bytes_in_use" in stats:
@@ -344,7 +349,8 @@ def report(result: dict[str, Any]) -> str:
             f"  PyTorch: {result['torch_step_s'] * 1e3:9.1f} ms/step  {result['torch_images_per_s']:9.2f} images/s  "
             f"MFU {result['torch_mfu']:.1%}  ({result['torch']['torch']}, {result['torch']['threads']} threads)"
         )
-        lines.append(f"  ours/PyTorch: {result['ratio_ours_over_torch']:.2f}x")
+        verdict = "" if result["load"]["quiet"] else " (busy machine: not a measurement)"
+        lines.append(f"  ours/PyTorch: {result['ratio_ours_over_torch']:.2f}x{verdict}")
     lines.append(
         f"  FLOPs/image: XLA {result['xla_flops_per_image'] / 1e9:.2f} G; analytic "
         f"{result['analytic_flops_per_image_exact'] / 1e9:.2f} G without padding taps (XLA/analytic "
@@ -362,6 +368,7 @@ def report(result: dict[str, Any]) -> str:
         if result.get("torch_peak_bytes"):
             line += f", PyTorch peak {result['torch_peak_bytes'] / c['batch'] / 2**20:.1f} MiB/example"
         lines.append(line)
+    lines.append("  " + common.load_line(result["load"]))
     return "\n".join(lines)
 
 

@@ -247,8 +247,11 @@ def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
     # Q=64; 64×96 and 80×64 are canvas shapes; mixed orientations, several batches with padding rows.
     shapes = [(64, 96), (80, 64), (64, 64), (64, 96), (80, 64)]
     images = _images(6, shapes)
-    bucketed = _run(net, _examples({64: images}), ["dense"], [64], batch_size=4)
-    exact = _run(net, _examples({64: images}), ["dense"], [64], dense_buckets="exact", batch_size=4)
+    # The canvas machinery under Caffe's ceil pools (the map reaches past a side that is not a multiple of 32).
+    bucketed = _run(net, _examples({64: images}), ["dense"], [64], batch_size=4, dense_pooling="ceil")
+    exact = _run(
+        net, _examples({64: images}), ["dense"], [64], dense_buckets="exact", batch_size=4, dense_pooling="ceil"
+    )
     np.testing.assert_allclose(bucketed["posteriors"]["dense"], exact["posteriors"]["dense"], atol=1e-6)
     assert bucketed["indices"].tolist() == [0, 1, 2, 3, 4]
     for i, image in enumerate(images):  # the exact computation, by hand, one image at a time
@@ -256,6 +259,28 @@ def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
         scores = [np.asarray(apply_dense(v)).mean((1, 2))[0] for v in (x, x[:, :, ::-1])]
         expected = 0.5 * (_softmax(scores[0]) + _softmax(scores[1]))
         np.testing.assert_allclose(bucketed["posteriors"]["dense"][i], expected, atol=2e-5)
+
+
+def test_centre_pooling_trims_evenly_and_equals_the_centre_crop_on_one_window(net):
+    _, _, _, apply, apply_dense = net
+    assert protocols.DENSE_POOLING[0] == "centre"  # the default of run_evaluation, evaluate and the CLI
+    shapes = [(36, 36), (40, 75), (64, 90), (71, 64)]
+    images = _images(13, shapes)
+    result = _run(net, _examples({36: images}), ["dense", "center_crop"], [36], batch_size=4, flips=False)
+    for i, image in enumerate(images):
+        trimmed = protocols.centre_trim(image)
+        top, left = (image.shape[0] % 32) // 2, (image.shape[1] % 32) // 2
+        assert trimmed.shape[:2] == (image.shape[0] // 32 * 32, image.shape[1] // 32 * 32)
+        np.testing.assert_array_equal(trimmed, image[top : top + trimmed.shape[0], left : left + trimmed.shape[1]])
+        x = trimmed[None].astype(np.float32) - np.array(MEAN, np.float32)
+        expected = _softmax(np.asarray(apply_dense(x)).mean((1, 2))[0])
+        np.testing.assert_allclose(result["posteriors"]["dense"][i], expected, atol=2e-5)
+    # A 36×36 image holds one 32-px window: the dense map is the centre crop (crop 32 = fc6's 1×1 window).
+    crop = protocols.center_crop(images[0], CROP)[None].astype(np.float32) - np.array(MEAN, np.float32)
+    np.testing.assert_allclose(result["posteriors"]["dense"][0], _softmax(np.asarray(apply(crop))[0]), atol=2e-5)
+    np.testing.assert_allclose(result["posteriors"]["dense"][0], result["posteriors"]["center_crop"][0], atol=2e-5)
+    with pytest.raises(ValueError, match="dense_pooling must be one of"):
+        _run(net, _examples({36: images[:1]}), ["dense"], [36], dense_pooling="round")
 
 
 def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):

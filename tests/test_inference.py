@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vgg_jax
-from vgg_jax import checkpoints, inference, models
+from vgg_jax import checkpoints, inference, models, protocols
 from vgg_jax.configs import common
 
 
@@ -130,6 +130,7 @@ def test_dense_multi_scale_on_any_size(classifier, run_dir):
     def by_hand(q):
         resized = np.asarray(inference.resize_smaller_side(images, q))
         assert resized.shape[1:3] == (q, round(45 * q / 30))
+        resized = protocols.centre_trim(resized)  # sides cut to multiples of 32, evenly (evaluate's default)
         posteriors = []
         for x in (resized, resized[:, :, ::-1]):
             scores = _apply(model, run_dir[1][20], x.astype(np.float32) - mean, dense=True)
@@ -189,7 +190,8 @@ def test_app_b_descriptor_is_unit_norm_and_flip_invariant(classifier, run_dir):
     symmetric = np.concatenate([half, half[:, :, ::-1]], axis=2)
     model = models.from_config(classifier.config)
     mean = np.asarray(classifier.config.mean_rgb, np.float32)
-    fc7 = _apply(model, run_dir[1][20], symmetric - mean, dense=True, outputs=("fc7",))["fc7"]
+    trimmed = protocols.centre_trim(symmetric)  # 36 → 32: 2 px off each side, still symmetric
+    fc7 = _apply(model, run_dir[1][20], trimmed - mean, dense=True, outputs=("fc7",))["fc7"]
     pooled = np.asarray(fc7.mean(axis=(1, 2)))
     expected = pooled / np.linalg.norm(pooled)
     np.testing.assert_allclose(classifier.features(symmetric, dense=True, flips="yes", scales=36), expected, atol=1e-6)

@@ -190,6 +190,31 @@ def test_plateau_divides_by_ten_after_patience_and_caps_reductions():
     np.testing.assert_allclose(rates, expected, rtol=1e-5)
 
 
+def test_plateau_drops_the_rate_after_a_collapse_instead_of_freezing():
+    # The evaluations of issue 17's diverged a.py:demo run: best 0.125, then worse, then a collapse to 0.925.
+    config = common.get_config("A")  # the paper's rule as configured: patience 3, threshold 1e-3
+    control = optim.PlateauControl(config)
+    state, rates = control.init(), []
+    for error in [0.714, 0.156, 0.125, 0.181, 0.161, 0.925, 0.739, 0.644]:
+        state = control.update(state, error)
+        rates.append(control.learning_rate(state))
+    # Three evaluations without beating 0.125 (0.181, 0.161, 0.925): the rate drops at the collapse.
+    np.testing.assert_allclose(rates, [1e-2] * 5 + [1e-3] * 3, rtol=1e-5)
+
+
+def test_update_statistics_are_the_norms_of_the_step():
+    params = {"conv1_1": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.zeros(2)}, "fc8": {"kernel": jnp.ones((3,))}}
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 3.0), params)
+    updates = jax.tree_util.tree_map(lambda x: jnp.full_like(x, -0.1), params)
+    stats = optim.update_statistics(grads, updates, params, per_layer=True)
+    np.testing.assert_allclose(stats["grad_norm"], 3.0 * np.sqrt(9), rtol=1e-6)  # 9 leaves' elements of 3
+    np.testing.assert_allclose(stats["update_ratio"], np.sqrt(9 * 0.01) / np.sqrt(16 + 3), rtol=1e-6)
+    np.testing.assert_allclose(stats["grad_norm/conv1_1"], 6.0, rtol=1e-6)  # the kernel only
+    np.testing.assert_allclose(stats["update_ratio/conv1_1"], 0.2 / 4.0, rtol=1e-6)
+    np.testing.assert_allclose(stats["update_ratio/fc8"], 0.1, rtol=1e-6)
+    assert set(optim.update_statistics(grads, updates, params)) == {"grad_norm", "update_ratio"}
+
+
 def test_plateau_lowers_the_rate_inside_training(tmp_path):
     config = tiny_config(lr_schedule="plateau", num_train_steps=8, eval_every_steps=1, learning_rate=1e-9)
     config.plateau.patience = 1

@@ -65,6 +65,7 @@ BAD = {
     "warm_start.step": ["first", -1, 1.5, "-1"],
     "warm_start.layers": ["everything", ("conv6_1",), 3, ("fc6", 7), ("all", "fc8")],
     "log_every_steps": [-1, 0],
+    "log_layer_stats": ["yes", 1],
     "eval_every_steps": [0, -2],
     "checkpoint_every_steps": [0, -1],
     "keep_checkpoints": [0, -1],

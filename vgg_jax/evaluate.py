@@ -15,8 +15,10 @@ scale Q, then classified one of these ways (``method``):
 Test-time flips follow the training (``--flips=auto``: only if ``config.random_flip``; a
 net never shown mirrored digits is not asked about them); ``yes``/``no`` force them. The
 paper reports the final network, so ``--step=latest`` is the default (``best`` on request);
-the table and JSON name the step used. Dense pools round up (Caffe), so the score map covers
-the whole image; ``--dense_pooling=floor`` rounds down.
+the table and JSON name the step used. A side that is not a multiple of the net's stride (32)
+is trimmed evenly at both ends (``--dense_pooling=centre``), so the dense windows sit where
+the centre crop's does; ``ceil`` (Caffe's pooling: the map covers every pixel) and ``floor``
+are the alternatives (bench/RESULTS.md measures the three).
 
 Over several scales the per-scale posteriors are averaged; over several nets
 (fusion, Table 6) the per-net posteriors are averaged. Everything that is
@@ -52,7 +54,7 @@ from absl import app, flags
 from jax.sharding import Mesh
 
 from vgg_jax import checkpoints, console, models, parallel, paths
-from vgg_jax.protocols import check_scales, fuse_posteriors, resolve_flips, resolve_scales, topk_errors
+from vgg_jax.protocols import DENSE_POOLING, check_scales, fuse_posteriors, resolve_flips, resolve_scales, topk_errors
 from vgg_jax.runner import run_evaluation
 
 METHODS = ("dense", "multicrop", "both", "center_crop")
@@ -134,10 +136,12 @@ def evaluate_params(
     examples: Iterable[Mapping[str, Any]] | None = None,
     name: str = "eval",
     flips: str | bool | None = "auto",
+    dense_pooling: str = "centre",
 ) -> dict[str, Any]:
     """Evaluates `params` of the net `config` describes on `split` (default config.eval_split).
 
     `flips`: test-time horizontal flips, 'auto' (as the training: config.random_flip), 'yes' or 'no'.
+    `dense_pooling`: 'centre' (default), 'ceil' or 'floor' (`protocols.DENSE_POOLING`).
     Returns top1_error, top5_error (fractions), loss (mean −log posterior of
     the true class), num_examples, method, scales, flips, and 'posteriors' (N, C),
     'labels', 'indices' for fusion; 'by_method' holds the same per component
@@ -170,6 +174,7 @@ def evaluate_params(
         total_examples=total,
         name=name,
         flips=use_flips,
+        dense_pooling=dense_pooling,
     )
     by_method = {
         m: dict(summarize(raw["posteriors"][m], raw["labels"]), posteriors=raw["posteriors"][m]) for m in methods
@@ -313,6 +318,7 @@ def evaluate_checkpoints(
     mesh: Mesh | None = None,
     dense_buckets: str = "aspect",
     flips: str | bool | None = "auto",
+    dense_pooling: str = "centre",
 ) -> dict[str, Any]:
     """Evaluates each run directory the paper's way and fuses them (posteriors averaged per example).
 
@@ -345,6 +351,7 @@ def evaluate_checkpoints(
             dense_buckets=dense_buckets,
             name=f"eval {run.directory}",
             flips=flips,
+            dense_pooling=dense_pooling,
         )
         results.append(result)
         for component in components:
@@ -378,7 +385,6 @@ def _main(argv: Sequence[str]) -> None:
         overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:
         overrides["eval_batch_size"] = values.eval_batch_size
-    overrides["model.dense_ceil_mode"] = values.dense_pooling == "ceil"
     step: int | str = int(values.step) if values.step.isdigit() else values.step
     try:
         # The environment alone says whether this is one of several processes: the trained run's
@@ -395,6 +401,7 @@ def _main(argv: Sequence[str]) -> None:
             overrides=overrides,
             dense_buckets=values.dense_buckets,
             flips=values.flips,
+            dense_pooling=values.dense_pooling,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -412,10 +419,11 @@ def run() -> None:
     )
     flags.DEFINE_enum(
         "dense_pooling",
-        "ceil",
-        ["ceil", "floor"],
-        "Dense pools round up (Caffe: the map covers the whole image) or down (drops up to 31 px right/bottom). "
-        "On the demo digits (crop 32, a 1×1 fc6 window) ceil's partial cells cost accuracy: bench/RESULTS.md.",
+        "centre",
+        list(DENSE_POOLING),
+        "A side that is not a multiple of 32: centre (trim the remainder evenly, windows centred as a centre crop), "
+        "ceil (Caffe: pad right/bottom, the map covers every pixel) or floor (drop the right/bottom remainder). "
+        "Measured in bench/RESULTS.md, 'Dense evaluation fidelity'.",
     )
     flags.DEFINE_enum(
         "flips", "auto", ["auto", "yes", "no"], "Test-time horizontal flips; auto: as in training (random_flip)."

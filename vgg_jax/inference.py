@@ -24,7 +24,8 @@ is the same with an activation map instead of the score map: global average
 over positions, averaged over the image and its flip, then over scales
 averaged or stacked, and L2-normalised at the end (`protocols.combine_scales`;
 ``normalize_scales=True`` also normalises each scale first, not the paper's).
-Pools round up in dense mode, so the maps cover the whole image (`models.ceil_mode_pad`).
+As in `vgg_jax.evaluate`, a side that is not a multiple of 32 is trimmed evenly at both ends first
+(`protocols.centre_trim`), so the dense windows sit where the centre crop's does.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ class Classifier:
         images = self._check_images(images, crop=False)
         scales = self._scales(scales)
         function = self._dense_posterior_fn(protocols.resolve_flips(flips, self.config))
-        total = sum(self._map(function, resize_smaller_side(images, q)) for q in scales)
+        total = sum(self._map(function, _dense_input(images, q)) for q in scales)
         return total / len(scales)
 
     def predict(
@@ -329,7 +330,7 @@ class Classifier:
             images = self._check_images(images, crop=False)
             scales = self._scales(scales)
             function = self._dense_descriptor_fn(layers, protocols.resolve_flips(flips, self.config))
-            per_scale = [self._map(function, resize_smaller_side(images, q)) for q in scales]
+            per_scale = [self._map(function, _dense_input(images, q)) for q in scales]
             result = {}
             for name in layers:
                 stacked = np.stack([values[name] for values in per_scale], axis=1)  # (N, scales, C)
@@ -420,3 +421,8 @@ def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtyp
     params, config, resolved = checkpoints.restore_params(directory, step)
     names = class_names_for(config, directory)
     return Classifier(config, params, step=resolved, class_names=names, batch_size=batch_size, dtype=dtype)
+
+
+def _dense_input(images: np.ndarray, scale: int) -> np.ndarray:
+    """Images rescaled to Q = `scale` and centre-trimmed to multiples of the net's stride (evaluate's default)."""
+    return protocols.centre_trim(resize_smaller_side(images, scale))

@@ -142,3 +142,19 @@ def lowered(plateau_state: Any, factor: float) -> Any:
     """The plateau state with its scale × `factor`: the rate drops as after a plateau (spike-guard rollback)."""
     scale = jnp.asarray(plateau_state.scale)
     return plateau_state._replace(scale=(scale * factor).astype(scale.dtype))
+
+
+def _norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def update_statistics(grads: Any, updates: Any, params: Any, per_layer: bool = False) -> dict[str, jax.Array]:
+    """What a divergence looks like from inside one step: the gradient's L2 norm and the update's norm
+    relative to the parameters' (the fraction by which the step moves the weights), over the whole net
+    and, with `per_layer`, for each layer's kernel (``grad_norm/conv1_1``, ``update_ratio/conv1_1``, …)."""
+    stats = {"grad_norm": _norm(grads), "update_ratio": _norm(updates) / _norm(params)}
+    if per_layer:
+        for layer in params:
+            stats[f"grad_norm/{layer}"] = _norm(grads[layer]["kernel"])
+            stats[f"update_ratio/{layer}"] = _norm(updates[layer]["kernel"]) / _norm(params[layer]["kernel"])
+    return stats

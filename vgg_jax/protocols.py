@@ -204,6 +204,28 @@ def dense_map_size(height: Any, width: Any, crop: int, ceil: bool = True) -> tup
     return pooled_size(height, 5, ceil) - window + 1, pooled_size(width, 5, ceil) - window + 1
 
 
+# How a dense score map meets an image whose side is not a multiple of the net's total stride (32):
+# "centre" trims the remainder evenly from both ends of each side (≤ 15 px a side) so the windows are centred on
+# the image, as a centre crop is; "ceil" pads the right/bottom to the next multiple (Caffe's pooling: the map
+# covers every pixel, its last cells mostly padding); "floor" drops the remainder at the right/bottom.
+# At the paper's scales (Q a multiple of 32) only the long side has a remainder, and the three differ little;
+# at the demo's (crop 32 = one window, Q = 36) only "centre" matches the centre crop (bench/RESULTS.md).
+DENSE_POOLING = ("centre", "ceil", "floor")
+NET_STRIDE = 32
+
+
+def check_dense_pooling(value: str) -> str:
+    if value not in DENSE_POOLING:
+        raise ValueError(f"dense_pooling must be one of {DENSE_POOLING}, got {value!r}")
+    return value
+
+
+def centre_trim(image: np.ndarray, stride: int = NET_STRIDE) -> np.ndarray:
+    """`image` (h, w, C) or a batch of them, centre-cropped to the largest multiple of `stride` on each side."""
+    height, width = image.shape[-3:-1]
+    return center_crop(image, (max(stride, height // stride * stride), max(stride, width // stride * stride)))
+
+
 def top_left_mask(heights: jax.Array, widths: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """(N, *shape) bool: True inside each image's heights[n]×widths[n] top-left region (pixels or map cells)."""
     rows, cols = jnp.arange(shape[0])[None, :, None], jnp.arange(shape[1])[None, None, :]

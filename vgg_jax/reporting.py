@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per line: `split: "train"` rows (means over
 the log interval: step, epoch, loss, top1_error, top5_error, lr,
-images_per_second) and evaluation rows (`split`: the eval split; loss, top-1/5
+images_per_second, grad_norm, update_ratio, and per layer with config.log_layer_stats)
+and evaluation rows (`split`: the eval split; loss, top-1/5
 error, lr, num_examples and, when records could not be decoded, skipped), so a
 notebook plots both curves from one file. Only process 0 writes.
 """
@@ -60,6 +61,7 @@ class Reporter:
             step, {f"train/{k}": v for k, v in means.items()} | {"images_per_second": images_per_second}
         )
         row = {k: means[k] for k in ("loss", "top1_error", "top5_error")}
+        row |= {k: v for k, v in means.items() if k.startswith(("grad_norm", "update_ratio"))}
         self._append(step, "train", row | {"lr": means["learning_rate"], "images_per_second": images_per_second})
 
     def eval(self, step: int, metrics: dict[str, float], learning_rate: float) -> None:

@@ -55,6 +55,7 @@ MAY_CHANGE: dict[str, str] = {
     "num_epochs": "where the run ends",
     "num_train_steps": "where the run ends",
     "log_every_steps": "how often it logs",
+    "log_layer_stats": "what the train rows record",
     "eval_every_steps": "how often it evaluates",
     "checkpoint_every_steps": "how often it saves",
     "keep_checkpoints": "how many checkpoints are kept (from the next save)",

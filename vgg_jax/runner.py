@@ -181,7 +181,10 @@ class _Scheduler:
         progress: _ProgressLog,
         flips: bool = True,
         layer: str = "fc7",
+        dense_pooling: str = "centre",
     ):
+        model = model.clone(dense_ceil_mode=protocols.check_dense_pooling(dense_pooling) == "ceil")
+        self.trim = dense_pooling == "centre"
         self.model, self.mesh, self.grid, self.batch_size = model, mesh, grid, batch_size
         self.methods, self.scales = tuple(methods), list(scales)
         self.canvases, self.dense_buckets = canvases, dense_buckets
@@ -222,6 +225,7 @@ class _Scheduler:
                     )
                 key, item = (method, q, (self.crop, self.crop)), _Item(index, label, image)
                 if method in CANVAS_METHODS:
+                    image = protocols.centre_trim(image) if self.trim else image
                     canvas = protocols.choose_canvas(*image.shape[:2], self.canvases[q])
                     fits = canvas[0] >= image.shape[0] and canvas[1] >= image.shape[1]
                     if self.dense_buckets == "exact" or (not fits and self.processes == 1):
@@ -379,6 +383,7 @@ def run_evaluation(
     log_every_s: float = 10.0,
     flips: bool = True,
     layer: str = "fc7",
+    dense_pooling: str = "centre",
 ) -> dict[str, Any]:
     """Per-example posteriors of this process's `examples` (every process gets everyone's); paper §3.2.
 
@@ -387,6 +392,8 @@ def run_evaluation(
     global batch in crops: a multi-crop step holds batch_size/50 images, a
     dense step about the same number of pixels (both rounded to a multiple of
     the device count). `flips`: add the horizontal flips (dense, multi-crop, descriptor).
+    `dense_pooling`: how the dense map meets a side that is not a multiple of 32 (`protocols.DENSE_POOLING`);
+    it decides the pooling rule here, whatever `model.dense_ceil_mode` says.
     Returns {'indices', 'labels', 'posteriors': {method: (N, C)}}, rows sorted
     by index, each posterior averaged over `scales`; with 'descriptor' also
     'descriptors' (N, len(scales), F): App. B's pooled `layer` per scale, not normalised.
@@ -413,6 +420,7 @@ def run_evaluation(
         progress=_ProgressLog(name, total_examples, len(methods) * len(scales), log_every_s),
         flips=flips,
         layer=layer,
+        dense_pooling=dense_pooling,
     )
     local_chunk = chunk_examples or max(8, batch_size // jax.process_count())
     iterator = iter(examples)

@@ -66,6 +66,7 @@ def make_train_step(
     schedule = optim.learning_rate_schedule(config, steps_per_epoch or 1)
     mean_rgb = tuple(config.mean_rgb)
     color_shift_std = float(config.color_shift_std)
+    layer_stats = bool(config.get("log_layer_stats", False))
 
     def forward(params: Any, images: jax.Array, dropout_key: jax.Array) -> jax.Array:
         return model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
@@ -87,7 +88,7 @@ def make_train_step(
         opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
+        metrics = optim.update_statistics(grads, updates, state.params, per_layer=layer_stats) | {
             "loss": loss,
             "top1_error": 1.0 - jnp.mean(hits["top1_correct"]),
             "top5_error": 1.0 - jnp.mean(hits["top5_correct"]),

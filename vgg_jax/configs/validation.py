@@ -171,6 +171,7 @@ FIELDS: dict[str, Spec] = {
     ),
     # Loop, logging, checkpoints.
     "log_every_steps": integer(1),
+    "log_layer_stats": boolean(optional=True),
     "eval_every_steps": integer(1, special={-1: "once per epoch"}),
     "checkpoint_every_steps": integer(1),
     "keep_checkpoints": integer(1),  # 0 (with keep_best_checkpoints=0) would delete every checkpoint

@@ -2,7 +2,9 @@
 
 - `sources`: TFDS builders (prepared once, reused), metadata, split checks, example counts,
   record reading and the pre-decode corrupt-record screen.
-- `embedded`: the embedded ``sklearn_digits`` builder, the offline demo set.
+- `embedded`: the embedded ``sklearn_digits`` builder, the offline demo set; `embedded_photos`: the
+  ``sample_photos`` builder (patches of packaged photographs), the demo on data nobody tuned it for;
+  `embedded_loc`: ``sklearn_digits_loc``, digits on canvases with boxes (App. A).
 - `image_ops`: per-image TensorFlow ops: decode, isotropic rescale, the rescaled crop that
   decodes only its JPEG window, the §3.1 augmentation.
 - `streams`: training and evaluation batches: per-process shards, determinism and resume,

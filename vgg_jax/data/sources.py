@@ -27,10 +27,19 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import embedded, embedded_loc, ilsvrc_loc  # noqa: F401 (ilsvrc_loc registers its builder)
+from vgg_jax.data import (  # noqa: F401 (ilsvrc_loc registers its builder)
+    embedded,
+    embedded_loc,
+    embedded_photos,
+    ilsvrc_loc,
+)
 
 DEMO_HINT = "--config=configs/e.py:demo"
-EMBEDDED_DATASETS = (embedded.SklearnDigits.name, embedded_loc.SklearnDigitsLoc.name)
+EMBEDDED_DATASETS = (
+    embedded.SklearnDigits.name,
+    embedded_loc.SklearnDigitsLoc.name,
+    embedded_photos.SamplePhotos.name,
+)
 
 _PREPARED: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
 
