@@ -184,6 +184,58 @@ def _measure(args, pipeline: str, cores: int) -> dict:
     return result
 
 
+def components(paths: list[str], repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per image of each stage of `tf_fast`, one thread, on the first benchmark image (about
+    500×375): decoding (whole / the crop's window), resampling the window to 224² (the antialiased
+    ScaleAndTranslate training uses; `crop_and_resize` and plain bilinear, the faster candidates for
+    enlarging / without antialiasing), and the whole op at a shrinking and an enlarging S."""
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    from vgg_jax.data import image_ops
+
+    data = tf.constant(open(paths[0], "rb").read())
+    height, width = (int(v) for v in tf.io.extract_jpeg_shape(data)[:2])
+    window = tf.constant([0, 0, min(height, 330), min(width, 330)])  # the window of a 224 crop at S = 256
+    region = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+
+    def op(size):
+        seed = tf.constant([0, 1], tf.int64)
+        return lambda: image_ops.random_rescaled_crop(data, seed, scale_min=size, scale_max=size, crop=224, flip=True)
+
+    stages = {
+        "decode whole image": lambda: tf.io.decode_jpeg(data, channels=3),
+        "decode 330² window": lambda: tf.io.decode_and_crop_jpeg(data, window, channels=3),
+        "antialiased ScaleAndTranslate 330² → 224²": lambda: tf.raw_ops.ScaleAndTranslate(
+            images=region[None],
+            size=[224, 224],
+            scale=[0.68, 0.68],
+            translation=[-2.0, -2.0],
+            kernel_type="triangle",
+            antialias=True,
+        ),  # fmt: skip
+        "bilinear crop_and_resize 170² → 224²": lambda: tf.image.crop_and_resize(
+            region[None], [[0.0, 0.0, 0.5, 0.5]], [0], [224, 224]
+        ),
+        "plain bilinear 330² → 224²": lambda: tf.image.resize(region, [224, 224], antialias=False),
+        "whole op, S = 256 (shrinking)": op(256),
+        "whole op, S = 512 (enlarging)": op(512),
+    }
+    times = {}
+    for name, stage in stages.items():
+        function = tf.function(stage)
+        function()
+        rounds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(50):
+                function()
+            rounds.append((time.perf_counter() - start) / 50 * 1e3)
+        times[name] = statistics.median(rounds)
+    return times
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="16 small images, tf_fast and pil, 1 core: seconds")
@@ -194,6 +246,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale_max", type=int, default=512)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--pipelines", default="tf_fast,tf_fast_bilinear,tf_naive,pil")
+    parser.add_argument("--components", action="store_true", help="only time each stage of tf_fast, one thread")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--_worker", dest="worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--_cores", dest="cores", type=int, default=0, help=argparse.SUPPRESS)
@@ -211,7 +264,16 @@ def main(argv=None) -> dict:
     all_cores = 1 if args.tiny else len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         args.images = tmp
-        make_images(tmp, args.num_images, size)
+        paths = make_images(tmp, 1 if args.components else args.num_images, size)
+        if args.components:
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+            quietness = common.Quietness().start()
+            times = components(paths)
+            load = quietness.stop()
+            for name, ms in times.items():
+                print(f"{name:40s} {ms:7.3f} ms")
+            print(common.load_line(load))
+            return {"components_ms": times, "load": load}
         results = []
         for pipeline in args.pipelines.split(","):
             for cores in sorted({1, all_cores}):

@@ -398,7 +398,8 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
         results.append(result)
         print(
             f"| {name} | `{flags or '(none)'}` | {result['step_s']:.2f} | {result['torch_step_s']:.2f} | "
-            f"{result['ratio_ours_over_torch']:.2f}x | {result['loss']:.4f} | {result['compile_s']:.0f} |",
+            f"{result['ratio_ours_over_torch']:.2f}x | {result['loss']:.4f} | {result['compile_s']:.0f} | "
+            f"{result['load']['foreign_cores']:.2f}{'' if result['load']['quiet'] else ' BUSY'} |",
             flush=True,
         )
     return results
@@ -409,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.quiet_tensorflow()
     if args.sweep:
-        print("| variant | XLA_FLAGS | ours s/step | PyTorch s/step | ours/PyTorch | loss | compile s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| variant | XLA_FLAGS | ours s/step | PyTorch s/step | ours/PyTorch | loss | compile s | other work |")
+        print("|---|---|---|---|---|---|---|---|")
         sweep(args, argv)
         return
     if not args.no_cpu_defaults:

@@ -3,6 +3,8 @@
 import importlib.util
 import io
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -428,3 +430,13 @@ def test_bench_tiny(tmp_path):
     rates = {r["pipeline"]: r["median"] for r in summary["results"]}
     assert set(rates) == {"tf_fast", "pil"} and min(rates.values()) > 0
     assert (tmp_path / "bench.json").exists()
+    assert all("foreign_cores" in r["load"] for r in summary["results"])  # each row says how busy the machine was
+
+
+def test_bench_components_time_each_stage():
+    command = [sys.executable, os.path.join(REPO, "bench", "input_pipeline.py"), "--components"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    times = {line[:40].strip(): float(line[40:].split()[0]) for line in run.stdout.splitlines() if line.endswith(" ms")}
+    assert len(times) == 7 and all(t > 0 for t in times.values())
+    assert times["decode 330² window"] < times["whole op, S = 256 (shrinking)"]

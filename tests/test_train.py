@@ -315,9 +315,10 @@ def test_remat_gives_the_same_step(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("demo")
-def test_demo_reaches_95_percent(demo_workdir):
+def test_demo_reaches_97_percent(demo_workdir):
     records = read_metrics(demo_workdir)
     assert records, "the demo wrote no evaluation"
     final = records[-1]
     assert final["split"] == "test"
-    assert final["top1_error"] <= 0.05, records
+    # bench/RESULTS.md, "Convergence": seeds 0-4 of this config end at 0.3-1.4 % (seed 0, this run: 0.3 %).
+    assert final["top1_error"] <= 0.03, records

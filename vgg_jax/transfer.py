@@ -4,7 +4,8 @@ The nets stay frozen. Each image is rescaled to every test scale Q; the fc7
 map (4096-D after ReLU) of the fully-convolutional net is global-average-pooled
 and averaged with the horizontally flipped image's (`runner.run_evaluation`
 with method 'descriptor', `protocols.dense_flip_descriptor`: the one dense
-descriptor, shared with `inference.Classifier.features`). The scales are then
+descriptor, shared with `inference.Classifier.features`; a side that is not a
+multiple of 32 is first trimmed evenly, as in dense evaluation). The scales are then
 averaged or stacked and the result L2-normalised (`protocols.combine_scales`);
 several nets (D & E) have their descriptors stacked. A linear SVM
 (scikit-learn's `LinearSVC`, one-vs-rest) is trained on the target set, its C

@@ -11,9 +11,7 @@ inside `tf.data.Dataset.map`.
 **Rescale + crop in one step** [implementation]: the crop is computed from the window of the source
 image it covers (JPEGs decode only that window with `tf.io.decode_and_crop_jpeg`) with
 `ScaleAndTranslate`, the op behind ``tf.image.resize(antialias=True)``. Up to float rounding this
-equals "resize the whole image (bilinear, antialiased) then crop"; a test checks it. When enlarging
-(S above the image's smaller side, about half of ImageNet's crops at S ∈ [256, 512]) that kernel is plain
-bilinear interpolation, computed at the same sample points by the faster `crop_and_resize`. Optional
+equals "resize the whole image (bilinear, antialiased) then crop"; a test checks it. Optional
 ``config.resize_method='fast'`` (default 'exact'): plain bilinear of the window at the nearest pixel
 alignment, about 2× faster per core (bench/RESULTS.md), slightly aliased when shrinking.
 """
@@ -160,32 +158,7 @@ def _resample(region: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor, crop:
         return tf.ensure_shape(_round_to_uint8(out), [crop, crop, 3])
     if resize != "exact":
         raise ValueError(f"resize={resize!r}: expected 'exact' or 'fast' (config.resize_method)")
-    enlarging = tf.reduce_all(scale >= 1.0)
-    out = tf.cond(
-        enlarging,
-        lambda: _enlarge(region, scale, translation, crop),
-        lambda: _scale_and_translate(region, scale, translation, crop),
-    )
-    return tf.ensure_shape(_round_to_uint8(out), [crop, crop, 3])
-
-
-def _enlarge(region: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor, crop: int) -> tf.Tensor:
-    """`_scale_and_translate` for scales ≥ 1, about twice as fast: there the antialiased triangle kernel is
-    plain bilinear interpolation, which `crop_and_resize` computes at the same sample points.
-
-    Output pixel i samples source position (i + ½ − t)/s − ½ (pixel centres at integers). Edge-replicating
-    the window by one pixel gives what ScaleAndTranslate's renormalised kernel gives at the border.
-    """
-    padded = tf.pad(region, [[1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-    extent = tf.cast(tf.shape(padded)[:2] - 1, tf.float32)
-    start = (0.5 - translation) / scale - 0.5 + 1.0  # + 1: the padding
-    end = start + (crop - 1) / scale
-    box = tf.concat([start / extent, end / extent], axis=0)[None]  # [y1, x1, y2, x2], normalised
-    return tf.image.crop_and_resize(padded[None], box, [0], [crop, crop], method="bilinear")[0]
-
-
-def _scale_and_translate(region: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor, crop: int) -> tf.Tensor:
-    return tf.raw_ops.ScaleAndTranslate(
+    out = tf.raw_ops.ScaleAndTranslate(
         images=region[None],
         size=tf.constant([crop, crop], tf.int32),
         scale=scale,
@@ -193,6 +166,7 @@ def _scale_and_translate(region: tf.Tensor, scale: tf.Tensor, translation: tf.Te
         kernel_type="triangle",  # = bilinear; antialiased like tf.image.resize(antialias=True)
         antialias=True,
     )[0]
+    return tf.ensure_shape(_round_to_uint8(out), [crop, crop, 3])
 
 
 def random_rescaled_crop(
