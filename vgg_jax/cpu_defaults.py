@@ -21,9 +21,7 @@ import pkgutil
 import sys
 
 # Measured set for XLA:CPU (see bench/RESULTS.md, "CPU flags").
-CPU_XLA_FLAGS: tuple[str, ...] = (
-    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-)
+CPU_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 _ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu", "metal")
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
