@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
             times = components(paths)
             load = quietness.stop()
             for name, ms in times.items():
-                print(f"{name:40s} {ms:7.3f} ms")
+                print(f"{name:44s} {ms:7.3f} ms")
             print(common.load_line(load))
             return {"components_ms": times, "load": load}
         results = []

@@ -437,6 +437,7 @@ def test_bench_components_time_each_stage():
     command = [sys.executable, os.path.join(REPO, "bench", "input_pipeline.py"), "--components"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
-    times = {line[:40].strip(): float(line[40:].split()[0]) for line in run.stdout.splitlines() if line.endswith(" ms")}
+    rows = [line.rsplit(None, 2) for line in run.stdout.splitlines() if line.endswith(" ms")]
+    times = {name.strip(): float(value) for name, value, _ in rows}
     assert len(times) == 7 and all(t > 0 for t in times.values())
     assert times["decode 330² window"] < times["whole op, S = 256 (shrinking)"]
