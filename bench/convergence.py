@@ -5,8 +5,8 @@
     python bench/convergence.py --diagnose=/tmp/vgg_convergence/a_sklearn_digits_s0   # a finished run's spike
 
 Each run is the user's own command, ``python -m vgg_jax.main --config=configs/<net>.py:demo[,dataset=…]
---workdir=… --config.seed=N``, in a fresh process, one at a time (``--jobs`` > 1 pins each to a core of its
-own: slower in all on 2 cores); its metrics.jsonl gives the test top-1 error of every evaluation. A run
+--workdir=… --config.seed=N``, in a fresh process, one at a time on every core (two e.py:demo runs pinned to a
+core each trained 1.3× slower in all); its metrics.jsonl gives the test top-1 error of every evaluation. A run
 *converged* when it finished, its final error is within ``--margin`` of its best evaluation after the first
 rate drop (it settled) and within ``--collapse-margin`` of its best of all (no unrecovered collapse), and at
 most ``--max-error`` (`summarize`). ``--layer-stats`` also records per-layer gradient norms and
@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def summarize(workdir: pathlib.Path, margin: float, collapse_margin: float, max_
     return {"final": final, "best": best, "settled": settled, "converged": converged, "curve": curve}
 
 
-def run_one(job: tuple[str, str, int], args: argparse.Namespace, core: int | None) -> dict[str, Any]:
+def run_one(job: tuple[str, str, int], args: argparse.Namespace) -> dict[str, Any]:
     net, dataset, seed = job
     workdir = pathlib.Path(args.root) / f"{net}_{dataset}_s{seed}"
     record = workdir / "bench_result.json"
@@ -71,16 +70,13 @@ def run_one(job: tuple[str, str, int], args: argparse.Namespace, core: int | Non
         return report(workdir, json.loads(record.read_text()), args, "reused")
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, not a resumed one
     workdir.mkdir(parents=True)
-    env = dict(os.environ)
     start = time.perf_counter()
     with open(workdir.parent / f"{workdir.name}.log", "w") as log:
         process = subprocess.run(
             command(net, dataset, seed, workdir, args.layer_stats),
             cwd=REPO,
-            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None,
         )
     run = dict(net=net, dataset=dataset, seed=seed, seconds=time.perf_counter() - start, rc=process.returncode)
     record.write_text(json.dumps(run))
@@ -163,8 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default="a,e", help="demo configs (configs/<name>.py:demo), comma-separated")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    # One run at a time on every core: two e.py:demo runs pinned to a core each trained 1.3× slower in all.
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each pinned to its own core")
     parser.add_argument("--root", default="/tmp/vgg_convergence", help="run directories (replaced)")
     parser.add_argument("--margin", type=float, default=0.02, help="final vs best after the first rate drop")
     parser.add_argument("--collapse-margin", type=float, default=0.10, help="final vs best of the whole run")
@@ -183,20 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         for dataset in args.datasets.split(",")
         for seed in args.seeds.split(",")
     ]
-    cores = sorted(os.sched_getaffinity(0))
     started = time.time()
-    print(f"{len(jobs)} runs, {args.jobs} at a time; load average {os.getloadavg()[0]:.2f}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        slots = list(range(args.jobs))
-
-        def work(job: tuple[str, str, int]) -> dict[str, Any]:
-            slot = slots.pop()
-            try:
-                return run_one(job, args, cores[slot % len(cores)] if args.jobs > 1 else None)
-            finally:
-                slots.append(slot)
-
-        results = list(pool.map(work, jobs))
+    print(f"{len(jobs)} runs, one at a time; load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = [run_one(job, args) for job in jobs]
     print(table(results, args))
     print(f"{time.time() - started:.0f} s in all; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
