@@ -61,12 +61,8 @@ def copy_checkout(destination: pathlib.Path) -> pathlib.Path:
 
 # The README's command cut short: the same net and data, a few epochs. The fast tier's trained run (examples,
 # notebooks, resume, output format); the whole command runs in the slow tier (`--slow`, CI).
-SHORT_DEMO_OVERRIDES = (
-    "--config.num_train_steps=88",
-    "--config.eval_every_steps=44",
-    "--config.log_every_steps=22",
-    "--config.checkpoint_every_steps=44",
-)
+# 10 of its 40 epochs: the loss has left chance (at 4 epochs it has barely moved) and the test error is ~12 %.
+SHORT_DEMO_OVERRIDES = ("--config.num_train_steps=220",)
 
 
 def pytest_addoption(parser):
@@ -77,13 +73,32 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns xdist_group marks into node-id suffixes
 def pytest_collection_modifyitems(config, items):
+    # One module's tests run on one worker, one after another, so a module-scoped fixture (a trained tiny
+    # net, a launched multi-host run) is built once, not once per worker; xdist_group marks that span
+    # modules (the demo run's readers) keep theirs.
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if config.getoption("--slow"):
         return
     slow = [item for item in items if "slow" in item.keywords]
     if slow:
         items[:] = [item for item in items if "slow" not in item.keywords]
         config.hook.pytest_deselected(items=slow)
+
+
+def pytest_collection_finish(session):
+    """Refuses to run when pytest-xdist's groups are silently ignored (as with pytest 9.2 and xdist 3.8)."""
+    if getattr(session.config.option, "loadgroup", False):
+        ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(
+                f"pytest-xdist did not tag {ungrouped[0]} with its xdist_group: this pytest/pytest-xdist pair "
+                "ignores groups (module fixtures would be rebuilt per worker); install the versions setup.py's "
+                "test extra pins"
+            )
 
 
 def pytest_sessionfinish(session, exitstatus):
