@@ -100,6 +100,7 @@ def test_two_process_run_stopped_half_way_resumes_to_the_same_parameters(runs):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # waits out heartbeats / a preemption across hosts; the fast tier resumes a 2-host run
 @pytest.mark.xdist_group("multihost")
 def test_killing_one_process_makes_the_other_fail_within_the_heartbeat_bound(tmp_path):
     heartbeat = 10
@@ -171,6 +172,7 @@ def _start_two(tmp_path, *extra):
     return procs, logs
 
 
+@pytest.mark.slow  # waits out heartbeats / a preemption across hosts; the fast tier resumes a 2-host run
 @pytest.mark.xdist_group("multihost")
 def test_sigterm_to_one_host_stops_both_at_the_same_saved_step(tmp_path):
     procs, logs = _start_two(
