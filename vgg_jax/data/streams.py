@@ -285,7 +285,8 @@ def create_train_iterator(
     local_batch = global_batch_size // process_count; with ``config.resample_on_device``, 'image' holds
     the crops' decoded source windows on (local_batch, canvas, canvas, 3) canvases and 'geometry'
     float32 (local_batch, 7) how the train step resamples them (`vgg_jax.resample`). Batch k of a stream
-    started at step s equals batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt` counts skipped records.
+    started at step s equals batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt`
+    counts skipped records.
     `examples` (`.read`, `.augment(example, key)`, `.keys`) replaces the records and the augmentation,
     keeping the shards, order and keys: `vgg_jax.data.boxes.BoxExamples` carries boxes (App. A).
     """
