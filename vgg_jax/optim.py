@@ -151,12 +151,25 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def update_statistics(grads: Any, updates: Any, params: Any, per_layer: bool = False) -> dict[str, jax.Array]:
+def update_norm(opt_state: Any) -> jax.Array:
+    """‖update‖ of the step that produced `opt_state`, from its momentum: SGD's update is −rate × trace.
+
+    Cheaper than the norm of the updates themselves: XLA then fuses the update into the parameters'
+    write instead of storing it for a second read (bench/RESULTS.md, "The step's own work").
+    """
+    trace = opt_state.inner_state[1][0].trace
+    return current_learning_rate(opt_state) * global_norm(trace)
+
+
+def update_statistics(
+    grads: Any, updates: Any, params: Any, per_layer: bool = False, update_size: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """What a divergence looks like from inside one step: the gradient's L2 norm and the update's norm
     relative to the parameters' (the fraction by which the step moves the weights; the train step passes the
-    parameters after the update), over the whole net
+    parameters after the update, and `update_size`, the update's norm from `update_norm`), over the whole net
     and, with `per_layer`, for each layer's kernel (``grad_norm/conv1_1``, ``update_ratio/conv1_1``, …)."""
-    stats = {"grad_norm": global_norm(grads), "update_ratio": global_norm(updates) / global_norm(params)}
+    size = global_norm(updates) if update_size is None else update_size  # `update_norm` gives it cheaply
+    stats = {"grad_norm": global_norm(grads), "update_ratio": size / global_norm(params)}
     if per_layer:
         for layer in params:
             stats[f"grad_norm/{layer}"] = global_norm(grads[layer]["kernel"])

@@ -102,7 +102,8 @@ def make_train_step(
         with jax.named_scope("statistics"):
             # Over the updated parameters: reading the old ones after the in-place (donated) update would make
             # XLA copy every parameter first. The norm also checks them: it is finite only if every value is.
-            metrics = optim.update_statistics(grads, updates, params, per_layer=layer_stats) | {
+            update_size = optim.update_norm(opt_state)
+            metrics = optim.update_statistics(grads, updates, params, layer_stats, update_size) | {
                 "loss": loss,
                 "top1_error": 1.0 - jnp.mean(hits["top1_correct"]),
                 "top5_error": 1.0 - jnp.mean(hits["top5_correct"]),
