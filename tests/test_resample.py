@@ -143,3 +143,41 @@ def test_canvas_config_checks():
     config = ml_collections.ConfigDict(base | {"resample_on_device": True, "resample_canvas": 16})
     with pytest.raises(ValueError, match="resample_canvas=16 is smaller than config.crop_size=32"):
         streams.check_train_config(config)
+
+
+def test_training_stream_sends_windows_that_resample_to_the_host_streams_crops(tmp_path):
+    """config.resample_on_device: the same examples, draws and order; the resampled canvases are the host
+    stream's crops within ±1; canvases and geometry are all that the batch holds besides the labels."""
+    from vgg_jax.data import sources
+    from vgg_jax.preprocess import CAFFE_MEAN_RGB
+
+    config = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            dataset="sklearn_digits",
+            data_dir=str(tmp_path),
+            train_split="train",
+            eval_split="test",
+            crop_size=16,
+            scale_min=16,
+            scale_max=24,
+            eval_scale=18,
+            random_flip=True,
+            color_shift_std=0.1,
+            mean_rgb=CAFFE_MEAN_RGB,
+            shuffle_buffer=64,
+            corrupt_images="skip",
+            global_batch_size=32,
+            eval_batch_size=32,
+        )
+    )
+    assert sources.get_dataset_builder(config).is_prepared()
+    host = next(streams.create_train_iterator(config, start_step=2, process_index=0, process_count=1))
+    config.resample_on_device = True
+    device = next(streams.create_train_iterator(config, start_step=2, process_index=0, process_count=1))
+    assert set(device) == {"image", "geometry", "label"}
+    assert device["image"].shape == (32, 32, 32, 3) and device["geometry"].shape == (32, 7)
+    np.testing.assert_array_equal(device["label"], host["label"])
+    crops = np.asarray(resample.crops_from_canvas(jnp.asarray(device["image"]), jnp.asarray(device["geometry"]), 16))
+    assert np.abs(crops - host["image"].astype(np.float32)).max() <= 1.0
+    assert 0 < device["geometry"][:, 6].sum() < 32  # some crops flipped, some not
