@@ -238,3 +238,38 @@ def test_remat_keeps_names_and_gradients_and_recomputes_blocks():
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
     assert str(jax.make_jaxpr(jax.grad(loss(remat)))(params)).count("remat") >= 5  # a region per block
     assert "remat" not in str(jax.make_jaxpr(jax.grad(loss(plain)))(params))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_equals_flax_max_pool_value_and_gradient(shape):
+    """The strided-maxima pool and its mask gradient are flax's 2×2/2 'VALID' max-pool, ties included
+    (the first pixel of a window in row-major order takes the gradient), odd sizes floored."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.round(rng.normal(size=shape) * 2), jnp.float32)  # rounded: many ties
+    x = x.at[0, 0, :2, 0].set(-jnp.inf)  # Caffe's ceil-mode padding value
+    weights = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+
+    def flax_pool(v):
+        return nn.max_pool(v, (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(models.max_pool_2x2(x), flax_pool(x))
+    ours = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := models.max_pool_2x2(v)), 0, p) * weights))(x)
+    theirs = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := flax_pool(v)), 0, p) * weights))(x)
+    np.testing.assert_array_equal(ours, theirs)
+    assert float(jnp.sum(ours != 0)) <= weights.size  # one pixel per window at most
+
+
+def test_sliding_patches_times_the_kernel_is_the_valid_convolution():
+    """Dense fc6 (paper §3.2): each k×k patch in the kernel's row order times the fc kernel = the k×k conv."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 6, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3 * 3 * 4, 5)), jnp.float32)
+    conv = jax.lax.conv_general_dilated(
+        x, kernel.reshape(3, 3, 4, 5), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    patches = models.sliding_patches(x, 3)
+    assert patches.shape == (2, 4, 7, 36)
+    np.testing.assert_allclose(patches @ kernel, conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(models.sliding_patches(x, 1), x)

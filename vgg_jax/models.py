@@ -139,6 +139,47 @@ def local_response_norm(
     return x / jnp.power(k + scale * squared_sum, beta)
 
 
+def _quarters(x: jax.Array) -> tuple[jax.Array, ...]:
+    """The four pixels of every 2×2/2 window (of the even-sized top-left part), in row-major order."""
+    x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+    return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """Paper §2.1's max-pooling over 2×2 windows with stride 2 (NHWC; an odd last row/column is dropped).
+
+    Equal to ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))``, gradient included (ties: the first pixel
+    of the window in row-major order takes it), but written as elementwise maxima of the four strided
+    quarters, and its gradient as a mask of the same: XLA:CPU runs the reduce-window form's gradient through
+    index-tracking iotas and a select-and-scatter, 8× slower (bench/RESULTS.md, "The step's own work").
+    """
+    a, b, c, d = _quarters(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+    x, y = residuals
+    n, height, width, channels = x.shape
+    taken = jnp.zeros(y.shape, bool)
+    parts = []
+    for quarter in _quarters(x):
+        hit = (quarter == y) & ~taken
+        taken = taken | hit
+        parts.append(jnp.where(hit, grad, jnp.zeros((), grad.dtype)))
+    rows = [jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)]  # (N, H/2, W/2, 2, C) each
+    dx = jnp.stack(rows, axis=2).reshape(n, height // 2 * 2, width // 2 * 2, channels)
+    return (jnp.pad(dx, ((0, 0), (0, height - dx.shape[1]), (0, width - dx.shape[2]), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
+
+
 def _kernel_init(name: str, std: float) -> Any:
     if name == "normal":
         return nn.initializers.normal(stddev=std)
@@ -150,12 +191,14 @@ def _kernel_init(name: str, std: float) -> Any:
 
 
 class FullyConnected(nn.Module):
-    """A dense layer that can also run as the equivalent k×k convolution.
+    """A dense layer that can also run as the equivalent k×k convolution (paper §3.2).
 
     The kernel is stored as ``(window*window*in_channels, features)``; on an
     NHWC input of spatial size `window` this is flatten + matmul, and
-    ``dense=True`` slides the same weights, reshaped to (window, window,
-    in_channels, features), over any larger map.
+    ``dense=True`` slides the same weights over any larger map: each output
+    position's k×k×C patch (in the kernel's row order) times the kernel, one
+    matmul — on XLA:CPU 2.6× faster than the same k×k convolution
+    (bench/RESULTS.md, "Dense fc6"). A 1×1 window is a matmul over the last axis in both modes.
     """
 
     features: int
@@ -177,13 +220,22 @@ class FullyConnected(nn.Module):
         kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
         x = x.astype(self.dtype)
         if dense:
-            conv_kernel = kernel.reshape(self.window, self.window, in_channels, self.features)
-            y = jax.lax.conv_general_dilated(
-                x, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
+            y = sliding_patches(x, self.window) @ kernel
         else:
             y = x.reshape(x.shape[0], -1) @ kernel
         return y + bias
+
+
+def sliding_patches(x: jax.Array, window: int) -> jax.Array:
+    """(N, H, W, C) → (N, H−k+1, W−k+1, k·k·C): every k×k patch, flattened in NHWC (row, column, channel) order.
+
+    The fc kernels' row order, so ``sliding_patches(x, k) @ kernel`` is the 'VALID' k×k convolution.
+    """
+    if window == 1:
+        return x
+    out_h, out_w = x.shape[1] - window + 1, x.shape[2] - window + 1
+    taps = [x[:, i : i + out_h, j : j + out_w, :] for i in range(window) for j in range(window)]
+    return jnp.concatenate(taps, axis=-1)
 
 
 def _conv_block(
@@ -215,7 +267,7 @@ def _conv_block(
             activations.append(("norm1", x))
     if dense and module.dense_ceil_mode:
         x = ceil_mode_pad(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     activations.append((f"pool{block + 1}", x))
     return x, activations
 

@@ -63,6 +63,8 @@ MAY_CHANGE: dict[str, str] = {
     "stop_after_steps": "where this invocation stops",
     "eval_batch_size": "memory only: validation is exact for any batch",
     "remat": "memory only: the same arithmetic",
+    "resample_on_device": "where the crops are resampled (host or accelerator): the same draws, crops within ±1",
+    "resample_canvas": "the canvas the windows travel on (device resampling): the same crops",
     "data_dir": "where the same data set is read",
     "download": "whether a missing data set may be downloaded",
     "corrupt_images": "whether an undecodable record stops the run",
@@ -72,7 +74,7 @@ MAY_CHANGE: dict[str, str] = {
     "model.num_classes": "nothing: it follows the data set, which may not change",
 }
 # Optional fields (validation.FIELDS) and their meaning when absent from an older config.json.
-_ABSENT_MEANS = {"resize_method": "exact"}
+_ABSENT_MEANS = {"resize_method": "exact", "resample_on_device": False, "resample_canvas": 0}
 _MISSING = "<absent>"
 
 

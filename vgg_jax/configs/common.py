@@ -69,6 +69,10 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     config.eval_scale = 256  # Q for the periodic validation (Q = S; 384 for jittered S)
     config.eval_method = "center_crop"  # or 'dense' (paper §3.2, fully convolutional)
     config.random_flip = True
+    # True: the host decodes only each crop's source window; the train step rescales, crops and flips it on
+    # the accelerator (vgg_jax.resample; the same crops within ±1). The canvas: 0 = 2 × crop_size.
+    config.resample_on_device = False
+    config.resample_canvas = 0
     config.color_shift_std = 0.1  # PCA colour shift, α ~ N(0, 0.1²)
     config.mean_rgb = CAFFE_MEAN_RGB
     config.shuffle_buffer = 16_384
