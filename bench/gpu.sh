@@ -11,7 +11,7 @@
 # absl-py, numpy. Not TensorFlow, TFDS, ml_collections or clu: nothing on this path imports them
 # (--bare fails a run that did; the recipe is read without ml_collections, bench/common.py). Extra wheels
 # to bring along: none, so there is nothing to fetch; vgg_jax runs from this checkout, uninstalled.
-# tests/test_gpu_bench.py runs --dry-run in a venv of exactly that package set when one is given.
+# tests/test_gpu_bench.py (slow tier) runs --dry-run in a venv of exactly that package set, made by the test.
 #
 #   bash bench/gpu.sh             # everything, ≤ 8 min on an H100
 #   QUICK=1 bash bench/gpu.sh     # VGG-16 batch 256 only

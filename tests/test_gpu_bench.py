@@ -41,20 +41,39 @@ def test_train_step_bench_runs_without_tensorflow_or_ml_collections(tmp_path):
     assert 0 < result["mfu"] < 1 and result["matmul_flops_per_s"] > 0
 
 
-@pytest.mark.slow  # ~2-8 min: six processes each compiling a net and loading torch; only with that venv
-@pytest.mark.skipif(not os.environ.get("VGG_BARE_GPU_PYTHON"), reason="set VGG_BARE_GPU_PYTHON to a bare-set venv")
+# What a common GPU image holds, no more: no TensorFlow, TFDS, ml_collections or clu (torch: the CPU build here).
+BARE_PACKAGES = ("jax", "flax", "optax", "orbax-checkpoint", "absl-py", "numpy", "torch==2.13.0")
+
+
+def _bare_python(root: pathlib.Path) -> str:
+    """VGG_BARE_GPU_PYTHON, else the Python of a new venv holding exactly `BARE_PACKAGES` (from the registry)."""
+    if os.environ.get("VGG_BARE_GPU_PYTHON"):
+        return os.environ["VGG_BARE_GPU_PYTHON"]
+    subprocess.run([sys.executable, "-m", "venv", str(root / "bare")], check=True)
+    python = str(root / "bare" / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", *BARE_PACKAGES], capture_output=True, text=True, timeout=1800
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python
+
+
+@pytest.mark.slow  # ~2-8 min: a venv of the bare set, six processes each compiling a net and loading torch
 def test_gpu_sh_dry_run_in_the_bare_package_set(tmp_path):
     """`bash bench/gpu.sh --dry-run` with the Python of a venv holding only jax, flax, optax, orbax-checkpoint,
     torch, absl-py and numpy: every run of the sequence writes its JSON, PyTorch's included."""
-    env = dict(os.environ, PYTHON=os.environ["VGG_BARE_GPU_PYTHON"], OUT=str(tmp_path))
+    python = _bare_python(tmp_path)
+    absent = subprocess.run([python, "-c", "import tensorflow"], capture_output=True)
+    assert absent.returncode != 0, "the bare set must not hold TensorFlow"
+    env = dict(os.environ, PYTHON=python, OUT=str(tmp_path / "out"))
     run = subprocess.run(
         ["bash", "bench/gpu.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=1200, env=env
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    names = {path.stem for path in tmp_path.glob("*.json")}
+    names = {path.stem for path in (tmp_path / "out").glob("*.json")}
     expected = {"vgg_D_b256", "vgg_E_b256", "vgg_D_b128", "vgg_E_b128", "vgg_D_b256_resample", "vgg_D_b256_remat"}
     assert names == expected | {"matmul"}
-    first = json.loads((tmp_path / "vgg_D_b256.json").read_text())
+    first = json.loads((tmp_path / "out" / "vgg_D_b256.json").read_text())
     assert first["ratio_ours_over_torch"] > 0 and first["torch_images_per_s"] > 0 and 0 < first["mfu"] < 1
 
 
