@@ -75,6 +75,7 @@ def import_quietly() -> None:
 if __name__ == "__main__":
     # runpy warns when a module it runs as __main__ was imported by an earlier case; `python -m` never sees that.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+    sys.path.insert(0, os.getcwd())  # as `python -m` does: the checkout in the working directory comes first
     import_quietly()
     with open(sys.argv[1]) as stream:
         cases = json.load(stream)

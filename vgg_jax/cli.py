@@ -100,7 +100,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.add_argument("--verbosity", type=int, default=0, help="1: library logs, and tracebacks of errors")
+        self.add_argument("--verbosity", type=int, default=0, help="1: show the traceback of an error")
 
     def error(self, message: str) -> NoReturn:
         raise ArgumentError(f"{message} (`{self.prog} --help` lists the arguments)")

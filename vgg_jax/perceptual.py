@@ -172,11 +172,6 @@ class VGGFeatures:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected float RGB images (N, H, W, 3), got shape {images.shape}")
         self._check_range(images)
-        if min(images.shape[1:3]) < self.min_size(layers):
-            raise ValueError(
-                f"images of {images.shape[1]}×{images.shape[2]} pixels are too small for {list(layers)}: they need "
-                f"at least {self.min_size(layers)}×{self.min_size(layers)} (one pixel after their max-pools)"
-            )
         low, high = self.input_range
         x = (images.astype(jnp.float32) - low) * (255.0 / (high - low)) - jnp.asarray(self.mean_rgb, jnp.float32)
         return self.model.apply({"params": conv_params(params)}, x.astype(self.dtype), outputs=layers)

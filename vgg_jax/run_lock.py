@@ -19,8 +19,9 @@ with a warning naming it, when
   than `STALE_SECONDS`: the only evidence about a process on another host.
 
 Otherwise the start is refused with `WorkdirInUseError`, naming the holder.
-The lock is created with an atomic link on local disks; on object stores
-(gs://) two starts within a second of each other could both pass.
+The lock is created with an atomic hard link; where there are none (object
+stores such as gs://, some FUSE mounts) two starts within a second of each
+other could both pass.
 """
 
 from __future__ import annotations
@@ -146,9 +147,11 @@ def _create(path: epath.Path, owner: dict[str, Any]) -> bool:
         if not str(path).startswith(("gs://", "s3://")):
             try:
                 os.link(temporary, path)  # atomic, and fails if the lock exists
+                return True
             except FileExistsError:
                 return False
-            return True
+            except OSError:
+                pass  # a file system without hard links: the check-then-write below
         if path.exists():
             return False
         temporary.replace(path)
