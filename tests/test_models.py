@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import models
+from vgg_jax import layers, models
 from vgg_jax.models import VARIANTS, VGG
 
 PAPER_COUNTS = {
@@ -75,7 +75,7 @@ def test_a_lrn_output_differs_from_a_with_same_params():
     kwargs = dict(num_classes=5, width_multiplier=1 / 16, fc_width=16, crop_size=32)
     params = VGG(variant="A", **kwargs).init(jax.random.key(0), x)
     norm = VGG(variant="A-LRN", **kwargs).apply(params, x, outputs=["relu1_1", "norm1"])
-    expected = models.local_response_norm(norm["relu1_1"])
+    expected = layers.local_response_norm(norm["relu1_1"])
     np.testing.assert_allclose(norm["norm1"], expected, rtol=1e-6)
     assert not np.allclose(norm["norm1"], norm["relu1_1"])
 
@@ -94,7 +94,7 @@ def _lrn_numpy(a, size=5, k=2.0, alpha=1e-4, beta=0.75, alpha_over_size=False):
 @pytest.mark.parametrize("alpha_over_size", [False, True])
 def test_lrn_matches_numpy_formula(alpha_over_size):
     a = np.asarray(jax.random.normal(jax.random.key(3), (2, 4, 5, 11)) * 30, np.float64)
-    got = models.local_response_norm(jnp.asarray(a, jnp.float32), alpha_over_size=alpha_over_size)
+    got = layers.local_response_norm(jnp.asarray(a, jnp.float32), alpha_over_size=alpha_over_size)
     np.testing.assert_allclose(got, _lrn_numpy(a, alpha_over_size=alpha_over_size), rtol=1e-5)
     # The two conventions genuinely differ on this input.
     other = _lrn_numpy(a, alpha_over_size=not alpha_over_size)
@@ -254,8 +254,8 @@ def test_max_pool_2x2_equals_flax_max_pool_value_and_gradient(shape):
     def flax_pool(v):
         return nn.max_pool(v, (2, 2), strides=(2, 2))
 
-    np.testing.assert_array_equal(models.max_pool_2x2(x), flax_pool(x))
-    ours = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := models.max_pool_2x2(v)), 0, p) * weights))(x)
+    np.testing.assert_array_equal(layers.max_pool_2x2(x), flax_pool(x))
+    ours = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := layers.max_pool_2x2(v)), 0, p) * weights))(x)
     theirs = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := flax_pool(v)), 0, p) * weights))(x)
     np.testing.assert_array_equal(ours, theirs)
     assert float(jnp.sum(ours != 0)) <= weights.size  # one pixel per window at most
@@ -269,7 +269,7 @@ def test_sliding_patches_times_the_kernel_is_the_valid_convolution():
     conv = jax.lax.conv_general_dilated(
         x, kernel.reshape(3, 3, 4, 5), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    patches = models.sliding_patches(x, 3)
+    patches = layers.sliding_patches(x, 3)
     assert patches.shape == (2, 4, 7, 36)
     np.testing.assert_allclose(patches @ kernel, conv, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(models.sliding_patches(x, 1), x)
+    np.testing.assert_array_equal(layers.sliding_patches(x, 1), x)

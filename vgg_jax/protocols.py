@@ -191,7 +191,7 @@ def place_on_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndar
 
 def pooled_size(size: Any, pools: int, ceil: bool = True) -> Any:
     """A side after `pools` 2×2/2 max-pools: ⌈size/2^pools⌉ in ceil mode (dense evaluation,
-    `models.ceil_mode_pad`), else ⌊size/2^pools⌋."""
+    `layers.ceil_mode_pad`), else ⌊size/2^pools⌋."""
     return -(-size // 2**pools) if ceil else size // 2**pools
 
 
