@@ -44,5 +44,5 @@ setup(
         ],
         "torch": ["torch>=2.6"],
     },
-    entry_points={"console_scripts": ["vgg-jax=vgg_jax.main:run"]},
+    entry_points={"console_scripts": ["vgg-jax=vgg_jax.__main__:main"]},
 )

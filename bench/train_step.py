@@ -130,7 +130,7 @@ def build(args: argparse.Namespace):
 
     config = make_config(args)
     model = models.from_config(config)
-    tx = optim.create_optimizer(config, steps_per_epoch=1000)
+    tx = optim.create_optimizer(config)
     state = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     step = jax.jit(steps.make_train_step(config, model, tx), donate_argnums=(0,))
     return step, state, synthetic_batch(args), jax.random.key(0)
@@ -170,7 +170,7 @@ def flop_check(args: argparse.Namespace, compile_step: bool = True) -> dict[str,
 
     config = make_config(args)
     model = models.from_config(config)
-    tx = optim.create_optimizer(config, steps_per_epoch=1000)
+    tx = optim.create_optimizer(config)
     # Abstract state: no parameters are allocated, nothing runs.
     size = args.image_size
     params = jax.eval_shape(

@@ -234,8 +234,9 @@ def test_command_line_with_class_names(tmp_path, capsys):
     names.write_text("cat\ndog\nbird\nfish\nfrog\n\n")
     out = tmp_path / "run"
     argv = ["--source=torchvision", f"--weights={path}", "--variant=A", f"--out={out}", f"--class_names={names}"]
-    convert.main(argv)
-    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        convert.run(argv)
+    assert not done.value.code and "wrote" in capsys.readouterr().out
     classifier = vgg_jax.load(str(out))
     assert classifier.class_names == ["cat", "dog", "bird", "fish", "frog"]
     assert classifier.config.learning_rate == 1e-2  # a full config (the paper's recipe), not just the model
@@ -243,9 +244,9 @@ def test_command_line_with_class_names(tmp_path, capsys):
     assert classifier.model.variant == "A"
     prediction = classifier.predict(np.zeros((1, 64, 64, 3), np.uint8), top_k=2)
     assert len(prediction.names[0]) == 2 and prediction.names[0][0] in ("cat", "dog", "bird", "fish", "frog")
-    with pytest.raises(SystemExit):  # the output exists now: refuse to overwrite
-        convert.main(argv)
-    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the output exists now: refuse to overwrite
+        convert.run(argv)
+    assert refused.value.code == 1 and "not empty" in capsys.readouterr().err
 
 
 def test_safetensors_files_read_without_torch(tmp_path):
@@ -294,5 +295,5 @@ def test_truncated_torch_file_is_a_clear_error(tmp_path):
 def test_missing_class_names_file_is_named(tmp_path, capsys):
     argv = ["--source=keras", f"--weights={tmp_path / 'w.h5'}", "--variant=D", f"--out={tmp_path / 'run'}"]
     with pytest.raises(SystemExit):
-        convert.main([*argv, f"--class_names={tmp_path / 'no_names.txt'}"])
+        convert.run([*argv, f"--class_names={tmp_path / 'no_names.txt'}"])
     assert f"--class_names file {tmp_path / 'no_names.txt'} not found" in capsys.readouterr().err

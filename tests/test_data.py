@@ -330,8 +330,9 @@ def test_mean_rgb(digits_dir, capsys):
     expected = images.mean()
     rgb = mean_rgb.compute_mean_rgb(make_config(digits_dir))
     np.testing.assert_allclose(rgb, [expected] * 3, rtol=1e-6)
-    assert mean_rgb.main(["--dataset=sklearn_digits", f"--data_dir={digits_dir}", "--max_examples=50"]) == 0
-    assert "mean_rgb = (" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        mean_rgb.run(["--dataset=sklearn_digits", f"--data_dir={digits_dir}", "--max_examples=50"])
+    assert not done.value.code and "mean_rgb = (" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ real photos

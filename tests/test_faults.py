@@ -27,7 +27,7 @@ from test_train import tiny_config
 import vgg_jax
 from vgg_jax import checkpoints, inference, models, optim, parallel, perceptual, run_lock, steps, train
 from vgg_jax.configs import loc as loc_configs
-from vgg_jax.data import sources, streams
+from vgg_jax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -103,7 +103,7 @@ def host_state():
     config = tiny_config()
     config.model.num_classes = 10
     model = models.from_config(config)
-    tx = optim.create_optimizer(config, streams.steps_per_epoch(config))
+    tx = optim.create_optimizer(config)
     state = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     return state, parallel.replicated(parallel.create_mesh())
 
@@ -407,9 +407,16 @@ def test_every_command_names_a_bad_argument_in_one_line(tmp_path):
         ("vgg_jax.evaluate", ["--checkpoint=r", "--step=abc"], ["--step=abc: 'abc' is not a checkpoint step"]),
         ("vgg_jax.evaluate", ["--checkpoint=r", "--max_examples=all"], ["--max_examples=all: expected an integer"]),
         ("vgg_jax.transfer", ["--checkpoint=r", "--dataset=d", "--scales=256,big"], ["--scales=256,big: expected"]),
-        ("vgg_jax.convert", ["--source=caffe", "--weights=w", "--variant=D", "--out=o"], ["argument --source: "]),
+        ("vgg_jax.convert", ["--source=caffe", "--weights=w", "--variant=D", "--out=o"], ["--source=caffe: expected"]),
+        ("vgg_jax.convert", ["--source=keras", "--variant=D", "--out=o"], ["--weights is required"]),
         ("vgg_jax.localise_eval", ["--checkpoint=r", "--step=final"], ["--step=final: 'final' is not a checkpoint"]),
-        ("vgg_jax.data.mean_rgb", ["--dataset=d", "--max_examples=all"], ["argument --max_examples: invalid int"]),
+        (
+            "vgg_jax.data.mean_rgb",
+            ["--dataset=d", "--max_examples=all"],
+            ["--max_examples=all: expected a non-negative integer"],
+        ),
+        ("vgg_jax", ["trian", "--config=configs/a.py:demo"], ["'trian' is not a vgg-jax command", "train"]),
+        ("vgg_jax", ["evaluate", "--checkpoint=r", "--step=abc"], ["--step=abc: 'abc' is not a checkpoint step"]),
     ]
     verbose = [
         (main, ["--config=no/such/net.py", work], {"VGG_JAX_VERBOSE": "1"}),

@@ -40,7 +40,7 @@ def test_weight_decay_applies_to_weights_not_biases_and_is_coupled():
     assert mask == {"conv1_1": {"kernel": True, "bias": False}, "fc8": {"kernel": True}}
     # One step from zero momentum with a zero loss gradient: the update is −lr · wd · w (coupled L2, before momentum).
     config = common.get_config("D")
-    optimizer = optim.create_optimizer(config, steps_per_epoch=10)
+    optimizer = optim.create_optimizer(config)
     state = optimizer.init(params)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, state, params)
@@ -53,7 +53,7 @@ def test_momentum_is_in_the_optimiser():
     config = common.get_config("D")
     config.weight_decay = 0.0
     params = {"fc8": {"bias": jnp.zeros(1)}}
-    optimizer = optim.create_optimizer(config, steps_per_epoch=10)
+    optimizer = optim.create_optimizer(config)
     state = optimizer.init(params)
     grads = {"fc8": {"bias": jnp.ones(1)}}
     _, state = optimizer.update(grads, state, params)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from test_train import poison_step, read_metrics, tiny_config
 
-from vgg_jax import checkpoints, inference, resume, train
+from vgg_jax import checkpoints, guard, inference, resume, train
 from vgg_jax.data import sources
 
 
@@ -99,7 +99,7 @@ def test_spike_retries_are_bounded_then_the_run_stops_clearly(tmp_path, monkeypa
     config = tiny_config(num_train_steps=8)
     config.spike_guard.max_retries = 1
     poison_step(monkeypatch, 5)  # NaN at step 5 at every rate: the retry fails too
-    with pytest.raises(train.NonFiniteLossError, match=r"after 1 rollback\(s\).*max_retries=1"):
+    with pytest.raises(guard.NonFiniteLossError, match=r"after 1 rollback\(s\).*max_retries=1"):
         train.train_and_evaluate(config, str(tmp_path))
     assert checkpoints.resolve_step(str(tmp_path)) == 4
 

@@ -120,7 +120,7 @@ def test_train_step_resamples_canvases_like_the_crops_it_is_given():
     """The step fed canvases + geometry equals the step fed the crops `crops_from_canvas` makes of them."""
     config = tiny_config()
     model = models.from_config(config)
-    tx = optim.create_optimizer(config, steps_per_epoch=10)
+    tx = optim.create_optimizer(config)
     state = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     rng = np.random.default_rng(3)
     canvas = jnp.asarray(rng.integers(0, 256, (2, 48, 48, 3), np.uint8))

@@ -14,7 +14,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from vgg_jax import checkpoints, models, optim, steps, train
+from vgg_jax import checkpoints, guard, models, optim, steps, train
 from vgg_jax.configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_warm_start_from_net_a_copies_exactly_the_named_layers(tmp_path):
     config.warm_start.checkpoint = str(tmp_path / "a")
     config.warm_start.layers = common.NET_A_SHARED_LAYERS
     model = models.from_config(config)
-    tx = optim.create_optimizer(config, 10)
+    tx = optim.create_optimizer(config)
     fresh = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     warmed = train._apply_warm_start(config, fresh, tx)
     for name in models.layer_names("D"):
@@ -219,7 +219,7 @@ def test_update_statistics_are_the_norms_of_the_step():
 def test_update_norm_from_the_momentum_is_the_norm_of_the_updates():
     """The train step takes ‖update‖ from the new momentum (−rate × trace): the same number, two steps in."""
     config = common.get_config("A")
-    tx = optim.create_optimizer(config, steps_per_epoch=10)
+    tx = optim.create_optimizer(config)
     params = {"conv1_1": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)}, "fc8": {"kernel": jnp.ones((3,))}}
     state = optim.with_learning_rate(tx.init(params), 0.03)
     for scale in (1.0, -2.5):
@@ -247,13 +247,13 @@ def test_plateau_lowers_the_rate_inside_training(tmp_path):
 def test_l2_does_not_touch_biases():
     config = common.get_config("A")
     params = {"fc8": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
-    tx = optim.create_optimizer(config, 10)
+    tx = optim.create_optimizer(config)
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["fc8"]["kernel"], -1e-2 * 5e-4 * np.ones((2, 3)), rtol=1e-6)
     np.testing.assert_array_equal(updates["fc8"]["bias"], np.zeros(3))
     config.decay_biases = True
-    tx = optim.create_optimizer(config, 10)
+    tx = optim.create_optimizer(config)
     updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["fc8"]["bias"], -1e-2 * 5e-4 * np.ones(3), rtol=1e-6)
 
@@ -294,7 +294,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     good, _, _ = checkpoints.restore_params(str(tmp_path))
     poison_step(monkeypatch, 3)  # step 3's update leaves NaN parameters, deterministically
     exploding = tiny_config(num_train_steps=8, eval_every_steps=100, checkpoint_every_steps=1)
-    with pytest.raises(train.NonFiniteLossError, match="non-finite"):
+    with pytest.raises(guard.NonFiniteLossError, match="non-finite"):
         train.train_and_evaluate(exploding, str(tmp_path))
     latest = checkpoints.resolve_step(str(tmp_path))
     params, _, _ = checkpoints.restore_params(str(tmp_path), latest)

@@ -2,15 +2,20 @@
 
 from typing import Any
 
-from vgg_jax import cpu_defaults
+from vgg_jax import pretrained  # a callable module: vgg_jax.pretrained("vgg16"); stdlib imports only
+from vgg_jax.models import VARIANTS, VGG, feature_names, layer_names, parameter_count
+from vgg_jax.process import prepare as prepare_process
 
-# Before any JAX backend starts: the measured fast XLA:CPU flags (no-op on GPU/TPU; user XLA_FLAGS win).
-cpu_defaults.apply()
-
-from vgg_jax import pretrained  # noqa: E402  (a callable module: vgg_jax.pretrained("vgg16"); stdlib imports only)
-from vgg_jax.models import VARIANTS, VGG, feature_names, layer_names, parameter_count  # noqa: E402
-
-__all__ = ["VARIANTS", "VGG", "feature_names", "layer_names", "load", "parameter_count", "pretrained"]
+__all__ = [
+    "VARIANTS",
+    "VGG",
+    "feature_names",
+    "layer_names",
+    "load",
+    "parameter_count",
+    "prepare_process",
+    "pretrained",
+]
 
 
 def load(path: str, step: int | str | None = None) -> Any:

@@ -10,15 +10,15 @@ traceback unless asked: ``--verbosity=1`` (absl's flag; the argparse commands
 accept it too) or ``VGG_JAX_VERBOSE=1``. Bugs (any other exception) keep
 their traceback.
 
-Commands built on absl flags call `run_absl`; those built on argparse use
-`ArgumentParser` and `run`. A value parsed by the command itself goes through
-`argument` (e.g. ``cli.argument("--step", checkpoints.parse_step, text)``),
-so its error names the argument too.
+Every command defines absl flags when it runs (`define_flags`: once per
+process, so `vgg-jax` imports only the command it runs) and runs through
+`run_absl`; ``--help`` lists each flag with its meaning. A value parsed by the
+command itself goes through `argument` (e.g. ``cli.argument("--step",
+checkpoints.parse_step, text)``), so its error names the argument too.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import traceback
@@ -95,38 +95,70 @@ def run(
         fail(error, verbose=verbose, status=FAILURE_STATUS)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one `ArgumentError` line, with the shared ``--verbosity`` flag."""
+_DEFINED: dict[Callable[[], None], list[str]] = {}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.add_argument("--verbosity", type=int, default=0, help="1: show the traceback of an error")
 
-    def error(self, message: str) -> NoReturn:
-        raise ArgumentError(f"{message} (`{self.prog} --help` lists the arguments)")
+def define_flags(define: Callable[[], None]) -> list[str]:
+    """Runs `define()` (a command's absl flag definitions) unless its flags exist in this process; their names."""
+    from absl import flags
+
+    names = _DEFINED.get(define)
+    if names and all(name in flags.FLAGS for name in names):
+        return names
+    before = set(flags.FLAGS)
+    define()
+    _DEFINED[define] = [name for name in flags.FLAGS if name not in before]
+    return _DEFINED[define]
+
+
+def command_help(usage: str, names: Sequence[str], required: Sequence[str] = ()) -> str:
+    """`usage` and one line per flag: ``--name (required | default …): meaning``."""
+    from absl import flags
+
+    lines = [usage, "", "flags:"]
+    for name in names:
+        flag = flags.FLAGS[name]
+        default = "required" if name in required else f"default {flag.default_as_str}"
+        lines.append(f"  --{name} ({default}): {flag.help}")
+    lines.append("  --verbosity (default 0): 1 shows library logs and the traceback of an error")
+    return "\n".join(lines)
 
 
 def run_absl(
     main: Callable[[list[str]], Any],
     *,
+    define: Callable[[], None],
+    usage: str,
+    required: Sequence[str] = (),
     argv: Sequence[str] | None = None,
     check: Callable[[list[str]], None] | None = None,
     expected: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """`absl.app.run(main)` with one-line errors for flags (`describe_flag_error`) and for `expected` failures.
+    """Defines the command's flags and runs `main` under absl with one-line errors (`describe_flag_error`).
 
-    `check(argv)` runs before absl parses the flags (e.g. to load the config file and name what is wrong).
+    ``--help`` prints `usage` and the command's flags. `required` flags must be given. `check(argv)` runs
+    before absl parses the flags (e.g. to load the config file and name what is wrong); an `expected`
+    failure of `main` is one ``error:`` line with status 1.
     """
     from absl import app, flags
 
+    names = define_flags(define)
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("--help", "-h", "--helpshort") for arg in argv[1:]):
+        print(command_help(usage, names, required))
+        sys.exit(0)
     verbose = verbose_requested(argv[1:])
 
     def parse(args: list[str]) -> list[str]:
         try:
             if check is not None:
                 check(args)
-            return flags.FLAGS(args)
+            flags.FLAGS.unparse_flags()  # a second run in one process starts from the defaults
+            parsed = flags.FLAGS(args)
+            missing = [name for name in required if flags.FLAGS[name].value is None]
+            if missing:
+                raise ArgumentError(f"--{missing[0]} is required: {flags.FLAGS[missing[0]].help}")
+            return parsed
         except ArgumentError as error:
             fail(error, verbose=verbose, status=USAGE_STATUS)
         except flags.Error as error:
@@ -135,7 +167,7 @@ def run_absl(
     def body(args: list[str]) -> Any:
         if len(args) > 1:
             message = f"unexpected argument(s) {' '.join(args[1:])}: every argument is a --flag=value"
-            fail(ArgumentError(message + " (--helpfull lists them)"), verbose=verbose, status=USAGE_STATUS)
+            fail(ArgumentError(message + " (--help lists them)"), verbose=verbose, status=USAGE_STATUS)
         return run(lambda: main(args), argv=argv[1:], expected=expected)
 
     app.run(body, argv=argv, flags_parser=parse)

@@ -46,8 +46,8 @@ class _OursOrWarnings(logging.Filter):
         return not any(text in str(record.msg) for text in _HARMLESS_WARNINGS)
 
 
-def quiet() -> None:
-    """Filters library chatter from the handlers of the root logger (absl's, under `app.run`)."""
+def quiet(*, tensorflow: bool = True) -> None:
+    """Filters library chatter from the handlers of the root logger (absl's, under `app.run`); TFDS's bars off."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -60,18 +60,10 @@ def quiet() -> None:
     for handler in handlers:
         if not any(isinstance(f, _OursOrWarnings) for f in handler.filters):
             handler.addFilter(_OursOrWarnings())
-    import tensorflow_datasets as tfds
+    if tensorflow:
+        import tensorflow_datasets as tfds
 
-    tfds.disable_progress_bar()
-
-
-def setup_command() -> None:
-    """What each absl command line does first: library chatter off unless asked for, TensorFlow imported quietly."""
-    from absl import flags
-
-    import_tensorflow_quietly()  # first: quiet() imports TFDS, which may import TensorFlow
-    if not verbose_requested(flags.FLAGS["verbosity"].present > 0):
-        quiet()
+        tfds.disable_progress_bar()
 
 
 def import_tensorflow_quietly() -> None:

@@ -65,6 +65,7 @@ import functools
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -201,32 +202,43 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """The CLI: a bad argument or an unconvertible file ends it with one `error:` line (`vgg_jax.cli`)."""
-    cli.run(lambda: _main(argv), argv=argv)
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("source", None, list(SOURCES), "Where the weights come from.")
+    flags.DEFINE_string("weights", None, "Keras .h5/.weights.h5, torchvision .pth/.safetensors or timm .safetensors.")
+    flags.DEFINE_string("variant", None, "D or E (keras); A, B, D or E (torchvision, timm).")
+    flags.DEFINE_string("out", None, "Run directory to create (refused if it exists and is not empty).")
+    flags.DEFINE_string("class_names", None, "Optional text file, one class name per line.")
 
 
-def _main(argv: Sequence[str] | None) -> None:
-    parser = cli.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--source", required=True, choices=SOURCES)
-    parser.add_argument(
-        "--weights", required=True, help="Keras .h5/.weights.h5, torchvision .pth/.safetensors or timm .safetensors"
-    )
-    parser.add_argument("--variant", required=True, help="D or E (keras); A, B, D or E (torchvision, timm)")
-    parser.add_argument("--out", required=True, help="run directory to create")
-    parser.add_argument("--class_names", default=None, help="optional text file, one class name per line")
-    args = parser.parse_args(argv)
-    try:
-        names = read_class_names(paths.resolve(args.class_names)) if args.class_names else None
-        config = convert(args.source, args.weights, args.variant, args.out, class_names=names)
-    except (ConversionError, FileExistsError, FileNotFoundError) as error:
-        parser.exit(2, f"error: {error}\n")
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    from vgg_jax import process
+
+    process.start_command(tensorflow=False)
+    values = flags.FLAGS
+    names = read_class_names(paths.resolve(values.class_names)) if values.class_names else None
+    config = convert(values.source, values.weights, values.variant, values.out, class_names=names)
     head = f"{config.model.num_classes} classes, crop {config.crop_size}" if config.model.include_top else "no head"
     print(
-        f"wrote {args.out}: VGG-{args.variant} from {args.source} ({head}, mean_rgb {tuple(config.mean_rgb)}); "
-        f"load it with vgg_jax.load({args.out!r})"
+        f"wrote {values.out}: VGG-{values.variant} from {values.source} ({head}, mean_rgb {tuple(config.mean_rgb)}); "
+        f"load it with vgg_jax.load({values.out!r})"
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """`python -m vgg_jax.convert` / `vgg-jax convert`: a bad flag or an unconvertible file is one `error:` line."""
+    cli.run_absl(
+        _main,
+        define=_define_flags,
+        usage="vgg-jax convert --source=keras|torchvision|timm --weights=FILE --variant=D --out=DIR",
+        required=("source", "weights", "variant", "out"),
+        argv=[sys.argv[0], *argv] if argv is not None else None,
+        expected=(ConversionError, FileExistsError, FileNotFoundError),
     )
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -8,14 +8,19 @@ off. (``--xla_cpu_use_onednn=true``, once added too, changes nothing measurable:
 no op of the step reaches oneDNN in this jaxlib.)
 
 `apply()` only touches XLA_FLAGS when the backend will be the CPU (no
-accelerator named by JAX_PLATFORMS, no JAX GPU/TPU plugin installed), and a
-user's own XLA_FLAGS always win: a flag they set is never overridden.
+accelerator named by JAX_PLATFORMS, no JAX GPU/TPU plugin installed), only
+with flags this jaxlib's XLA defines (an unknown flag aborts every JAX
+program), and a user's own XLA_FLAGS always win. Nothing calls it at import:
+the commands do, through `vgg_jax.prepare_process`.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import importlib.util
 import logging
+import mmap
 import os
 import pkgutil
 import sys
@@ -57,20 +62,46 @@ def merged_flags(current: str, defaults: tuple[str, ...] = CPU_XLA_FLAGS) -> str
     return " ".join([current, *extra]).strip()
 
 
-def apply() -> bool:
-    """Adds `CPU_XLA_FLAGS` to XLA_FLAGS when the backend will be the CPU; returns whether it did."""
+def _xla_libraries() -> list[str]:
+    """jaxlib's shared libraries, where XLA's flag table lives (located without importing JAX)."""
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found: list[str] = []
+    for folder in spec.submodule_search_locations:
+        found += glob.glob(os.path.join(folder, "**", "*.so"), recursive=True)
+    return sorted(found, key=os.path.getsize, reverse=True)
+
+
+@functools.cache
+def xla_knows(flag: str) -> bool:
+    """Whether this jaxlib's XLA defines `flag` (``--name=value``): its name is a string in XLA's library."""
+    name = flag.split("=", 1)[0].lstrip("-").encode()
+    for path in _xla_libraries():
+        with open(path, "rb") as library:
+            if os.fstat(library.fileno()).st_size == 0:
+                continue
+            with mmap.mmap(library.fileno(), 0, access=mmap.ACCESS_READ) as contents:
+                if contents.find(name) >= 0:
+                    return True
+    return False
+
+
+def apply() -> tuple[str, ...]:
+    """Adds the `CPU_XLA_FLAGS` this XLA knows to XLA_FLAGS when the backend will be the CPU; returns them."""
     if not backend_will_be_cpu():
-        return False
+        return ()
     if "jax" in sys.modules:
         try:
             from jax._src import xla_bridge
 
             if getattr(xla_bridge, "_backends", None):
-                logging.warning("vgg_jax.cpu_defaults.apply() after JAX initialised its backends: no effect")
+                logging.warning("vgg_jax.prepare_process() after JAX initialised its backends: no effect on XLA")
         except ImportError:  # private module moved: nothing to warn about
             pass
+    known = tuple(flag for flag in CPU_XLA_FLAGS if xla_knows(flag))
     current = os.environ.get("XLA_FLAGS", "")
-    merged = merged_flags(current)
+    merged = merged_flags(current, known)
     if merged != current.strip():
         os.environ["XLA_FLAGS"] = merged
-    return True
+    return known

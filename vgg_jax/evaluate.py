@@ -50,10 +50,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoints, cli, console, models, parallel, paths
+from vgg_jax import checkpoints, cli, models, parallel, paths, process
 from vgg_jax.protocols import DENSE_POOLING, check_scales, fuse_posteriors, resolve_flips, resolve_scales, topk_errors
 from vgg_jax.runner import run_evaluation
 
@@ -376,11 +376,9 @@ def evaluate_checkpoints(
 
 
 def _main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
     overrides = {}
-    console.setup_command()
+    process.start_command()
     if values.data_dir:
         overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:
@@ -408,8 +406,7 @@ def _main(argv: Sequence[str]) -> None:
         sys.exit(1)
 
 
-def run() -> None:
-    """`python -m vgg_jax.evaluate`: the flags are defined here, not at import (train.py imports this module)."""
+def _define_flags() -> None:
     flags.DEFINE_multi_string("checkpoint", None, "Run directory (config.json + checkpoints/); repeat to fuse nets.")
     flags.DEFINE_enum("method", "dense", list(METHODS), "dense, multicrop, both (dense + multi-crop) or center_crop.")
     flags.DEFINE_string("scales", "single", "'single' / 'multi' (the paper's Q for each run) or e.g. 256,384,512.")
@@ -439,10 +436,17 @@ def run() -> None:
         "aspect: a few padded canvas shapes per Q, computed exactly (masked; max |posterior difference| "
         "to per-image ~1e-6, bench/RESULTS.md); exact: one compilation per image shape (one process).",
     )
-    flags.mark_flag_as_required("checkpoint")
-    cli.run_absl(_main)
+
+
+def run() -> None:
+    """`python -m vgg_jax.evaluate` / `vgg-jax evaluate`; `--help` lists the flags."""
+    cli.run_absl(
+        _main,
+        define=_define_flags,
+        usage="vgg-jax evaluate --checkpoint=RUN [--checkpoint=RUN2 …] [--method=dense|multicrop|both] [--scales=…]",
+        required=("checkpoint",),
+    )
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run()

@@ -21,31 +21,27 @@ import os
 import sys
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (tf.data) is noisy
+from vgg_jax import cli, configs, console
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from vgg_jax import cli, configs, console  # noqa: E402
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not at import: `vgg-jax` imports only the command it runs)."""
+    from absl import flags
+    from ml_collections import config_flags
 
-# Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py); vgg_jax.data hides GPUs from TF.
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/d.py:scale=384.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs (resumes if present).")
-flags.mark_flags_as_required(["config", "workdir"])
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/d.py:scale=384.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs (resumes if present).")
 
 
 def _main(argv: list[str]) -> None:
-    console.setup_command()
-    import jax
+    from absl import flags
 
-    from vgg_jax import parallel, train
+    from vgg_jax import process
 
-    config = _CONFIG.value
-    parallel.initialize(config.get("distributed"))  # before anything touches a JAX backend
-    if jax.process_index() == 0:
-        print(console.format_config(config), flush=True)
-    train.train_and_evaluate(config, _WORKDIR.value)
+    process.start_command()
+    from vgg_jax import train
+
+    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def _resolve_config_flag(argv: list[str]) -> list[str]:
@@ -113,7 +109,15 @@ def run() -> None:
     from vgg_jax import checkpoints, guard, run_lock
 
     expected = (ValueError, OSError, guard.DivergedError, run_lock.WorkdirInUseError, checkpoints.CheckpointError)
-    cli.run_absl(_main, argv=_resolve_config_flag(sys.argv), check=check_config_arguments, expected=expected)
+    cli.run_absl(
+        _main,
+        define=_define_flags,
+        usage="vgg-jax train --config=configs/NET.py[:ARG] [--config.FIELD=VALUE …] --workdir=DIR",
+        required=("config", "workdir"),
+        argv=_resolve_config_flag(sys.argv),
+        check=check_config_arguments,
+        expected=expected,
+    )
 
 
 if __name__ == "__main__":

@@ -70,13 +70,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     raise ValueError(f"config.lr_schedule must be 'plateau' or 'step', got {config.lr_schedule!r}")
 
 
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The paper's SGD; its state carries the learning rate the last step used (`current_learning_rate`).
 
     The injected rate is a number that the train step overwrites with `step_learning_rate` before each
-    update (`steps_per_epoch` is kept for callers; the schedule is applied there).
+    update: the schedule lives in the step.
     """
-    del steps_per_epoch
     return optax.inject_hyperparams(_sgd_with_l2, static_args=("momentum", "weight_decay", "decay_biases"))(
         learning_rate=float(config.learning_rate),
         momentum=float(config.momentum),

@@ -22,16 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import checkpoints, guard, models, optim, parallel, paths, reporting, resume, run_lock, steps
+from vgg_jax import checkpoints, console, guard, models, optim, parallel, paths, reporting, resume, run_lock, steps
 from vgg_jax import evaluate as evaluation
 from vgg_jax.configs import validation
 from vgg_jax.data import sources, streams
-
-# Raised when training diverges beyond what the spike guard may repair (see vgg_jax.guard).
-DivergedError = guard.DivergedError
-NonFiniteLossError = guard.NonFiniteLossError
-LossSpikeError = guard.LossSpikeError
-
 
 # ---------------------------------------------------------------------------
 # Set-up.
@@ -269,7 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     """
     workdir = paths.resolve(workdir)
     paths.resolve_config_paths(config)
-    parallel.initialize(config.get("distributed"))
+    parallel.initialize(config.get("distributed"))  # before anything touches a JAX backend
+    if jax.process_index() == 0:
+        print(console.format_config(config), flush=True)
     _check_config(config, workdir)
     lock = _lock_workdir(workdir)
     try:
@@ -292,7 +288,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     total_steps = _num_train_steps(config, steps_per_epoch)
     eval_every = _eval_every(config, steps_per_epoch)
     model = models.from_config(config)
-    tx = optim.create_optimizer(config, steps_per_epoch)
+    tx = optim.create_optimizer(config)
     plateau = optim.PlateauControl(config)
     replicated, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
     task = task_for(config)

@@ -47,9 +47,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from vgg_jax import checkpoints, cli, console, models, paths, protocols
+from vgg_jax import checkpoints, cli, models, paths, process, protocols
 from vgg_jax.runner import run_evaluation
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -363,10 +363,8 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def _main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    console.setup_command()
+    process.start_command()
     step = cli.argument("--step", checkpoints.parse_step, values.step)
     scales = cli.argument("--scales", cli.integers, values.scales)
     c_grid = cli.argument("--c_grid", cli.numbers, values.c_grid)
@@ -401,8 +399,7 @@ def _main(argv: Sequence[str]) -> None:
             json.dump(row, stream, indent=2)
 
 
-def run() -> None:
-    """`python -m vgg_jax.transfer`: paper App. B on any TFDS set."""
+def _define_flags() -> None:
     flags.DEFINE_multi_string("checkpoint", None, "Run directory; repeat to stack the nets' descriptors (D & E).")
     flags.DEFINE_string("dataset", None, "TFDS name: voc/2007, voc/2012, caltech101, sklearn_digits, …")
     flags.DEFINE_string("scales", "256,384,512", "Test scales Q (VOC in the paper: 256,384,512,640,768).")
@@ -420,10 +417,17 @@ def run() -> None:
     flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
     flags.DEFINE_integer("seed", 0, "Seed of the held-out and per-class splits.")
     flags.DEFINE_string("out", None, "Write the row (and each split's score and C) as JSON here.")
-    flags.mark_flags_as_required(["checkpoint", "dataset"])
-    cli.run_absl(_main)
+
+
+def run() -> None:
+    """`python -m vgg_jax.transfer` / `vgg-jax transfer`; `--help` lists the flags."""
+    cli.run_absl(
+        _main,
+        define=_define_flags,
+        usage="vgg-jax transfer --checkpoint=RUN --dataset=NAME [--scales=…] [--combine=…]",
+        required=("checkpoint", "dataset"),
+    )
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run()

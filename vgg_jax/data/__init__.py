@@ -12,20 +12,5 @@
 - `mean_rgb`: the training set's mean RGB, and its CLI ``python -m vgg_jax.data.mean_rgb``.
 
 The on-device half (cast, colour shift, mean subtraction) is TensorFlow-free, in `vgg_jax.preprocess`.
+Importing this package imports nothing; the commands keep TensorFlow off the GPUs (`vgg_jax.process`).
 """
-
-from __future__ import annotations
-
-
-def hide_gpus_from_tensorflow() -> None:
-    """Keeps TensorFlow off every GPU: tf.data runs on the host, and JAX needs the accelerator's memory."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):  # TensorFlow already initialised its devices: nothing can change now.
-        pass
-
-
-# Before any submodule runs a TensorFlow op: afterwards the device list can no longer change.
-hide_gpus_from_tensorflow()

@@ -48,31 +48,41 @@ def compute_mean_rgb(
     return tuple(float(v) for v in total / count)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (2 with a one-line error for a bad argument, a missing or unknown data set)."""
-    return cli.run(lambda: _main(argv), argv=argv)
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("dataset", None, "TFDS name, e.g. imagenet2012, stl10, sklearn_digits, or folder:PATH.")
+    flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = TFDS's default).")
+    flags.DEFINE_string("split", "train", "The split whose mean is taken (TFDS slicing allowed).")
+    flags.DEFINE_integer("max_examples", 0, "Use only the first N images (0 = all).", lower_bound=0)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str]) -> None:
     import ml_collections
+    from absl import flags
 
-    parser = cli.ArgumentParser(prog="python -m vgg_jax.data.mean_rgb", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="TFDS name, e.g. imagenet2012, stl10, sklearn_digits")
-    parser.add_argument("--data_dir", default="", help="TFDS data_dir ('' = TFDS default)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--max_examples", type=int, default=0, help="0 = all")
-    args = parser.parse_args(argv)
+    from vgg_jax import process
+
+    process.start_command()
+    values = flags.FLAGS
     config = ml_collections.ConfigDict(
-        {"dataset": args.dataset, "data_dir": args.data_dir, "train_split": args.split, "corrupt_images": "skip"}
+        {"dataset": values.dataset, "data_dir": values.data_dir, "train_split": values.split, "corrupt_images": "skip"}
     )
-    try:
-        rgb = compute_mean_rgb(config, max_examples=args.max_examples or None)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rgb = compute_mean_rgb(config, max_examples=values.max_examples or None)
     print(f"mean_rgb = ({rgb[0]:.3f}, {rgb[1]:.3f}, {rgb[2]:.3f})")
-    return 0
+
+
+def run(argv: list[str] | None = None) -> None:
+    """`python -m vgg_jax.data.mean_rgb` / `vgg-jax mean-rgb`: prints the mean; a bad flag is one `error:` line."""
+    cli.run_absl(
+        _main,
+        define=_define_flags,
+        usage="vgg-jax mean-rgb --dataset=NAME [--data_dir=DIR] [--split=train] [--max_examples=N]",
+        required=("dataset",),
+        argv=[sys.argv[0], *argv] if argv is not None else None,
+        expected=(ValueError, OSError),
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

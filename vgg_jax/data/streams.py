@@ -342,11 +342,8 @@ def load_eval_images(
     return ds.with_options(tf_data_options(config))
 
 
-def num_eval_batches(
-    config: Any, split: str | None = None, *, scale: int | None = None, process_count: int | None = None
-) -> int:
-    """Batches every process runs over `split`: ceil(largest shard / local eval batch)."""
-    del scale  # Same for every scale; accepted for symmetry with create_eval_iterator.
+def num_eval_batches(config: Any, split: str | None = None, *, process_count: int | None = None) -> int:
+    """Batches every process runs over `split` (the same at every scale): ceil(largest shard / local eval batch)."""
     _, count = _processes(0, process_count)
     local = _local_batch(config, "eval_batch_size", count)
     split = split or config.eval_split
