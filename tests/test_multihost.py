@@ -58,22 +58,20 @@ def _logs(log_dir):
     return "\n".join(p.read_text()[-2000:] for p in sorted(pathlib.Path(log_dir).glob("*.log")))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same 4 steps three ways: 2 processes × 2 devices; 1 × 4; 2 × 2 stopped at step 2 and resumed."""
-    root = tmp_path_factory.mktemp("multihost")
-    for name, processes, devices, *extra in (
-        ("two", 2, 2),
-        ("one", 1, 4),
-        ("first", 2, 2, "--config.stop_after_steps=2"),
-        ("second", 2, 2),
-    ):
+def _launch_all(root, launches):
+    for name, processes, devices, *extra in launches:
         workdir = root / ("resumed" if name in ("first", "second") else name)
         result = launch(processes, devices, workdir, *extra, log_dir=root / f"{name}_logs")
         assert result.returncode == 0, _logs(root / f"{name}_logs")
         if name == "first":
             assert checkpoints.resolve_step(str(workdir)) == 2
     return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 4 steps two ways: 2 processes × 2 devices; 1 × 4."""
+    return _launch_all(tmp_path_factory.mktemp("multihost"), (("two", 2, 2), ("one", 1, 4)))
 
 
 @pytest.mark.xdist_group("multihost")
@@ -91,8 +89,10 @@ def test_two_processes_equal_one_process_with_four_devices(runs):
     assert len([row for row in rows if row["split"] != "train"]) == 1
 
 
+@pytest.mark.slow  # two more 2-process launches; the fast tier resumes single-process runs exactly (test_train)
 @pytest.mark.xdist_group("multihost")
 def test_two_process_run_stopped_half_way_resumes_to_the_same_parameters(runs):
+    _launch_all(runs, (("first", 2, 2, "--config.stop_after_steps=2"), ("second", 2, 2)))
     assert "resumed from" in (runs / "second_logs" / "process_0.log").read_text()
     a, _, _ = checkpoints.restore_params(str(runs / "two"))
     b, _, step = checkpoints.restore_params(str(runs / "resumed"))
