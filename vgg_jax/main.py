@@ -27,6 +27,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from vgg_jax import cli, configs, console  # noqa: E402
+from vgg_jax.configs.tree import flatten  # noqa: E402
 
 # Importing vgg_jax applies the CPU defaults (vgg_jax/__init__.py); vgg_jax.data hides GPUs from TF.
 
@@ -67,7 +68,7 @@ def check_config_arguments(argv: list[str]) -> None:
     if spec is None:
         return  # absl names the missing required flag
     config = _load_config(spec)
-    fields = sorted(console.flatten(config.to_dict(), stringify=False))
+    fields = sorted(flatten(config))
     groups = {field.rsplit(".", i)[0] for field in fields for i in range(1, field.count(".") + 1)}
     for arg in argv:
         if arg.startswith(("--config.", "--noconfig.")):
