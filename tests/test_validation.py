@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from vgg_jax.configs import common, fields, specs, validation
-from vgg_jax.configs.tree import flatten, set_field
+from vgg_jax.configs.tree import set_field
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NETS = ("A", "A-LRN", "B", "C", "D", "E")
