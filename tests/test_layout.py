@@ -63,6 +63,7 @@ from vgg_jax.configs import common
 config = common.get_config("A")
 config.model.width_multiplier, config.model.fc_width, config.model.num_classes = 1 / 16, 8, 3
 config.crop_size, config.eval_scale, config.dataset = 32, 36, ""
+config.class_names, config.preprocessing = ["a", "b", "c"], {{}}  # as converted weights: no data set
 model = models.from_config(config)
 import jax
 params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vgg_jax import layers, models, optim, protocols
-from vgg_jax.configs import common
+from vgg_jax.configs import common, fields
 
 
 @pytest.fixture(params=["A", "A-LRN", "B", "C", "D", "E"])
@@ -76,7 +76,7 @@ def test_training_scales_and_their_learning_rates():
 def test_warm_start_layers_from_net_a():
     """§3.1: deeper nets take conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 from net A; A starts at random."""
     shared = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
-    assert common.NET_A_SHARED_LAYERS == shared
+    assert fields.NET_A_SHARED_LAYERS == shared
     for variant in ("B", "C", "D", "E"):
         assert tuple(common.get_config(variant).warm_start.layers) == shared
     for variant in ("A", "A-LRN"):

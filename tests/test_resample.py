@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vgg_jax import models, optim, resample, steps
+from vgg_jax.configs import common, validation
 from vgg_jax.data import image_ops, streams
 
 DRAWS = dict(scale_min=40, scale_max=120, crop=32, flip=True)
@@ -140,9 +141,10 @@ def test_canvas_config_checks():
     base = dict(crop_size=32, scale_min=32, scale_max=40, corrupt_images="skip")
     assert streams.resample_canvas(ml_collections.ConfigDict(base)) == 0  # host resampling: no canvas
     assert streams.resample_canvas(ml_collections.ConfigDict(base | {"resample_on_device": True})) == 64
-    config = ml_collections.ConfigDict(base | {"resample_on_device": True, "resample_canvas": 16})
+    config = common.get_config("D", "demo")
+    config.resample_on_device, config.resample_canvas = True, 16
     with pytest.raises(ValueError, match="resample_canvas=16 is smaller than config.crop_size=32"):
-        streams.check_train_config(config)
+        validation.validate(config)
 
 
 def test_training_stream_sends_windows_that_resample_to_the_host_streams_crops(tmp_path):

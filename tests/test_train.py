@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vgg_jax import checkpoints, guard, models, optim, steps, train
-from vgg_jax.configs import common
+from vgg_jax.configs import common, fields
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -148,13 +148,13 @@ def test_warm_start_from_net_a_copies_exactly_the_named_layers(tmp_path):
     config = tiny_config(num_train_steps=0)
     config.model.variant = "D"
     config.warm_start.checkpoint = str(tmp_path / "a")
-    config.warm_start.layers = common.NET_A_SHARED_LAYERS
+    config.warm_start.layers = fields.NET_A_SHARED_LAYERS
     model = models.from_config(config)
     tx = optim.create_optimizer(config)
     fresh = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
     warmed = train._apply_warm_start(config, fresh, tx)
     for name in models.layer_names("D"):
-        copied = name in common.NET_A_SHARED_LAYERS
+        copied = name in fields.NET_A_SHARED_LAYERS
         for leaf in ("kernel", "bias"):
             if copied:
                 np.testing.assert_array_equal(warmed.params[name][leaf], source[name][leaf])

@@ -41,6 +41,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vgg_jax import checkpoint_damage, console
+from vgg_jax.configs import validation
+from vgg_jax.configs.tree import set_field
 
 CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "class_names.json"
@@ -78,7 +80,8 @@ def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
     write_atomically(path / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def load_config(directory: str) -> ml_collections.ConfigDict:
+def load_config(directory: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The run's config.json with `overrides` (dotted field → value) applied, validated before any work."""
     path = epath.Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(
@@ -86,12 +89,19 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
             "(a training workdir or the output of `python -m vgg_jax.convert`)"
         )
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{path} is damaged ({error}): restore it from a copy, or from the last row of "
             f"{epath.Path(directory) / 'config_history.jsonl'} (its 'config' field)"
         ) from None
+    for field, value in (overrides or {}).items():
+        set_field(config, field, value)
+    try:
+        validation.validate(config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config
 
 
 def create_manager(

@@ -22,8 +22,10 @@ import pathlib
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
+
+from vgg_jax.configs.tree import flatten
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 # Library warnings meant for library developers, or expected (the first preparation of the embedded set).
@@ -107,25 +109,12 @@ def without_messages(logger_name: str, *texts: str) -> Iterator[None]:
         logger.removeFilter(silencer)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "", *, stringify: bool = True) -> dict[str, Any]:
-    """{'model': {'variant': 'E'}} → {'model.variant': 'E'}; with `stringify`, non-scalar leaves as text."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}.", stringify=stringify))
-        elif stringify and not isinstance(value, int | float | str | bool):
-            flat[f"{prefix}{key}"] = str(value)
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def format_config(config: Any) -> str:
     """The resolved config in a dozen lines: sorted `field: value` pairs, wrapped (a run's output fits a screen)."""
     glue = "\x00"  # keeps each `field: value` on one line when wrapping
     pairs = [
         f"{key}: {value if isinstance(value, str) and value else repr(value)}".replace(" ", glue)
-        for key, value in sorted(flatten(config.to_dict(), stringify=False).items())
+        for key, value in flatten(config).items()
     ]
     wrapped = textwrap.fill(", ".join(pairs), width=118, break_long_words=False, break_on_hyphens=False)
     return "resolved config:\n" + textwrap.indent(wrapped.replace(glue, " "), "  ")

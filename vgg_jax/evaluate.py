@@ -250,13 +250,7 @@ def _load_runs(
         raise ValueError("give at least one --checkpoint=DIR")
     runs = []
     for directory in directories:
-        config = checkpoints.load_config(directory)  # FileNotFoundError names the missing config.json
-        for field, value in overrides.items():
-            *parents, name = field.split(".")  # 'model.dense_ceil_mode' sets a nested field
-            target = config
-            for parent in parents:
-                target = target[parent]
-            target[name] = value
+        config = checkpoints.load_config(directory, overrides)  # FileNotFoundError names a missing config.json
         resolved = checkpoints.resolve_step(directory, step)  # FileNotFoundError: no checkpoint
         try:
             run_scales = resolve_scales(scales, config)

@@ -33,8 +33,6 @@ from vgg_jax.data import boxes
 create_train_iterator = boxes.create_train_iterator
 create_eval_iterator = boxes.create_eval_iterator
 
-FINETUNE = ("all", "fc6-fc7")
-
 
 def box_objective(regression: str) -> steps.Objective:
     """`steps.Objective` of App. A: per-crop Euclidean loss, weight 1 where the crop shows a box, hits."""
@@ -50,10 +48,7 @@ def box_objective(regression: str) -> steps.Objective:
 
 def frozen_layers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Layers that keep their warm-start weights: none ('all'), or every conv layer ('fc6-fc7')."""
-    finetune = config.loc.finetune
-    if finetune not in FINETUNE:
-        raise ValueError(f"config.loc.finetune={finetune!r}: expected one of {FINETUNE}")
-    return () if finetune == "all" else tuple(models.conv_layer_names(config.model.variant))
+    return () if config.loc.finetune == "all" else tuple(models.conv_layer_names(config.model.variant))
 
 
 def make_train_step(

@@ -21,7 +21,8 @@ import os
 import sys
 from typing import Any
 
-from vgg_jax import cli, configs, console
+from vgg_jax import cli, configs
+from vgg_jax.configs.tree import flatten
 
 
 def _define_flags() -> None:
@@ -63,7 +64,7 @@ def check_config_arguments(argv: list[str]) -> None:
     if spec is None:
         return  # absl names the missing required flag
     config = _load_config(spec)
-    fields = sorted(console.flatten(config.to_dict(), stringify=False))
+    fields = sorted(flatten(config))
     groups = {field.rsplit(".", i)[0] for field in fields for i in range(1, field.count(".") + 1)}
     for arg in argv:
         if arg.startswith(("--config.", "--noconfig.")):

@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from vgg_jax.configs.tree import get_field, set_field
+
 # Config fields that hold a path (dotted); each is resolved like a command-line path.
 CONFIG_PATH_FIELDS = ("data_dir", "warm_start.checkpoint")
 
@@ -27,10 +29,7 @@ def resolve(path: str | os.PathLike[str]) -> str:
 def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Resolves `CONFIG_PATH_FIELDS` of `config` in place (and returns it)."""
     for dotted in CONFIG_PATH_FIELDS:
-        *parents, name = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node.get(parent) if node is not None else None
-        if node is not None and isinstance(node.get(name), str):
-            node[name] = resolve(node[name])
+        value = get_field(config, dotted)
+        if isinstance(value, str):
+            set_field(config, dotted, resolve(value))
     return config

@@ -18,7 +18,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from vgg_jax import console, jsonl, progress
+from vgg_jax import jsonl, progress
+from vgg_jax.configs.tree import flatten
 
 
 class Reporter:
@@ -33,7 +34,7 @@ class Reporter:
         # TensorBoard only: clu's default writer also logs every scalar, a second line per step.
         self.writer = metric_writers.SummaryWriter(workdir) if self.is_chief else metric_writers.MultiWriter([])
         if start_step == 0 and self.is_chief:
-            self.writer.write_hparams(console.flatten(config.to_dict()))
+            self.writer.write_hparams(flatten(config, stringify=True))
         self.progress = progress.Progress(total_steps, done=start_step)
 
     def restart(self, step: int) -> None:

@@ -4,11 +4,10 @@ Rerunning the training command on a workdir that holds a checkpoint resumes
 it. `check` compares the new config with the run's ``config.json`` before any
 expensive work:
 
-* fields in `MAY_CHANGE` (how long to train, the rate, how often to log /
-  evaluate / save, how many checkpoints to keep, where the data lives, how the
-  processes find each other, …) may change; each change is logged with what
-  it does (`announce`);
-* every other field fixes what the run *is* — the network, the data and its
+* fields declared with `may_change` in `vgg_jax.configs.fields` (how long to
+  train, the rate, how often to log / evaluate / save, where the data lives,
+  …) may change; each change is logged with what it does (`announce`);
+* every other field (and an undeclared one) fixes what the run *is* — the network, the data and its
   stream (seed, global batch, input shards, crops, scales, mean RGB, …), the
   optimiser, the validation that ranks checkpoints — and a change is refused
   with one message listing each field, its saved and its new value, and the
@@ -42,42 +41,12 @@ import ml_collections
 from etils import epath
 
 from vgg_jax import checkpoints, jsonl
+from vgg_jax.configs.fields import BY_PATH
+from vgg_jax.configs.tree import flatten
 
 HISTORY_FILE = "config_history.jsonl"
 METRICS_FILE = "metrics.jsonl"
 
-# Fields that may change when resuming, and what the change does. A field not listed here may not change
-# (new fields are therefore refused until someone decides otherwise). Groups end with '.'.
-MAY_CHANGE: dict[str, str] = {
-    "learning_rate": "the rate from the next step on (× the plateau scale under 'plateau')",
-    "step_boundaries_epochs": "the 'step' schedule from the next step on",
-    "plateau.patience": "the plateau rule from the next evaluation on",
-    "plateau.threshold": "the plateau rule from the next evaluation on",
-    "plateau.cooldown": "the plateau rule from the next evaluation on",
-    "plateau.max_reductions": "the plateau rule from the next evaluation on (it never raises the rate)",
-    "num_epochs": "where the run ends",
-    "num_train_steps": "where the run ends",
-    "log_every_steps": "how often it logs",
-    "log_layer_stats": "what the train rows record",
-    "eval_every_steps": "how often it evaluates",
-    "checkpoint_every_steps": "how often it saves",
-    "keep_checkpoints": "how many checkpoints are kept (from the next save)",
-    "keep_best_checkpoints": "how many best checkpoints are kept (from the next save)",
-    "stop_after_steps": "where this invocation stops",
-    "eval_batch_size": "memory only: validation is exact for any batch",
-    "remat": "memory only: the same arithmetic",
-    "resample_on_device": "where the crops are resampled (host or accelerator): the same draws, crops within ±1",
-    "resample_canvas": "the canvas the windows travel on (device resampling): the same crops",
-    "data_dir": "where the same data set is read",
-    "download": "whether a missing data set may be downloaded",
-    "corrupt_images": "whether an undecodable record stops the run",
-    "spike_guard.": "the spike guard from the next step on",
-    "distributed.": "how the processes find each other",
-    "warm_start.": "nothing: a resumed run does not warm start",
-    "model.num_classes": "nothing: it follows the data set, which may not change",
-}
-# Optional fields (validation.FIELDS) and their meaning when absent from an older config.json.
-_ABSENT_MEANS = {"resize_method": "exact", "resample_on_device": False, "resample_canvas": 0}
 _MISSING = "<absent>"
 
 
@@ -95,18 +64,16 @@ def _show(value: Any) -> str:
     return value if value is _MISSING else json.dumps(value)
 
 
-def _may_change(field: str) -> bool:
-    return any(field == key or (key.endswith(".") and field.startswith(key)) for key in MAY_CHANGE)
+def effect(field: str) -> str | None:
+    """What changing `field` on resume does (its declaration's `may_change`); None: the change is refused."""
+    declared = BY_PATH.get(field)
+    return declared.may_change if declared else None
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _absent_means(field: str) -> Any:
+    """An older config.json lacks fields declared since: absent means the declared default."""
+    declared = BY_PATH.get(field)
+    return declared.default if declared and declared.may_be_absent else _MISSING
 
 
 def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -125,13 +92,13 @@ def _saved_shards(workdir: epath.Path, saved: dict[str, Any]) -> int | None:
 
 def differences(saved: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Every field whose value differs, input_shards excluded (it is compared resolved)."""
-    old_flat, new_flat = _flat(saved), _flat(new)
+    old_flat, new_flat = flatten(saved), flatten(new)
     changes = []
     for field in sorted(set(old_flat) | set(new_flat)):
         if field == "input_shards":
             continue
-        old = old_flat.get(field, _ABSENT_MEANS.get(field, _MISSING))
-        value = new_flat.get(field, _ABSENT_MEANS.get(field, _MISSING))
+        old = old_flat.get(field, _absent_means(field))
+        value = new_flat.get(field, _absent_means(field))
         if old != value:
             changes.append(Change(field, old, value))
     return changes
@@ -159,7 +126,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, shards: int) -> list[
         return []
     saved = json.loads((path / checkpoints.CONFIG_FILE).read_text())
     changes = differences(saved, as_json(config))
-    refused = [change for change in changes if not _may_change(change.field)]
+    refused = [change for change in changes if effect(change.field) is None]
     saved_shards = _saved_shards(path, saved)
     if saved_shards is None:
         logging.warning("%s predates config_history.jsonl: its input shard count cannot be checked", workdir)
@@ -172,7 +139,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, shards: int) -> list[
             f"is:\n{lines}\nResuming would silently change its meaning. Either start a new run: --workdir=NEW_RUN, "
             f"or start a new run from this one's weights: --workdir=NEW_RUN --config.warm_start.checkpoint={workdir} "
             "(--config.warm_start.layers=all copies every layer). Fields that may change on resume: "
-            f"{', '.join(sorted(MAY_CHANGE))}."
+            f"{', '.join(sorted(path for path, field in BY_PATH.items() if field.may_change))}."
         )
     return changes
 
@@ -180,7 +147,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, shards: int) -> list[
 def announce(changes: Sequence[Change], config: ml_collections.ConfigDict, plateau_scale: float, step: int) -> None:
     """Logs each allowed change and what it does; the rate's new value when the rate changed."""
     for change in changes:
-        logging.info("resume: %s → %s", change, MAY_CHANGE.get(change.field) or _group_effect(change.field))
+        logging.info("resume: %s → %s", change, effect(change.field))
     if any(change.field in ("learning_rate", "step_boundaries_epochs") for change in changes):
         if config.lr_schedule == "plateau":
             logging.warning(
@@ -197,10 +164,6 @@ def announce(changes: Sequence[Change], config: ml_collections.ConfigDict, plate
                 config.learning_rate,
                 plateau_scale,
             )
-
-
-def _group_effect(field: str) -> str:
-    return next(effect for key, effect in MAY_CHANGE.items() if key.endswith(".") and field.startswith(key))
 
 
 def record_start(

@@ -24,7 +24,7 @@ from etils import epath
 
 from vgg_jax import checkpoints, console, guard, models, optim, parallel, paths, reporting, resume, run_lock, steps
 from vgg_jax import evaluate as evaluation
-from vgg_jax.configs import validation
+from vgg_jax.configs import specs, validation
 from vgg_jax.data import sources, streams
 
 # ---------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def _eval_every(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState, tx: Any) -> steps.TrainState:
     """Paper §3.1: deeper nets (and finer scales) start from named layers of an earlier run."""
     source = config.warm_start.checkpoint
-    layers = validation.warm_start_layers(config.warm_start.layers)
+    layers = specs.warm_start_layers(config.warm_start.layers)
     if not source:
         if layers:
             logging.warning(

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vgg_jax.preprocess import CAFFE_MEAN_RGB
-
-# Layers that have the same shape in every configuration (paper §3.1): a
-# trained net A initialises these in the deeper nets.
-NET_A_SHARED_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+from vgg_jax.configs import fields
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -52,92 +48,10 @@ def _training_scale(text: str) -> tuple[int, int]:
 def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.ConfigDict:
     """The paper's recipe for `variant`, modified by `arg` (see module docstring)."""
     options = parse_arg(arg)
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-
-    # Paper §2: the network.
-    config.model = ml_collections.ConfigDict(
-        dict(
-            variant=variant,
-            num_classes=1000,  # overwritten from the data set's metadata when they differ
-            width_multiplier=1.0,
-            fc_width=4096,
-            dropout_rate=0.5,
-            initializer="normal",  # zero-mean normal, std 0.01 [choice]; or 'glorot' (or 'he', not the paper's)
-            init_std=0.01,
-            lrn_alpha_over_size=False,  # AlexNet's α (True: Caffe's α/n)
-        )
-    )
-    config.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
-    config.remat = False  # recompute conv activations in the backward pass
-
-    # Paper §3.1: data and augmentation.
-    config.dataset = "imagenet2012"
-    config.data_dir = ""  # '' = TFDS default (~/tensorflow_datasets); gs:// works
-    config.train_split = "train"
-    config.eval_split = "validation"
-    config.crop_size = 224
-    config.scale_min = 256  # S; equal bounds = single-scale training
-    config.scale_max = 256
-    config.eval_scale = 256  # Q for the periodic validation (Q = S; 384 for jittered S)
-    config.eval_method = "center_crop"  # or 'dense' (paper §3.2, fully convolutional)
-    config.random_flip = True
-    # True: the host decodes only each crop's source window; the train step rescales, crops and flips it on
-    # the accelerator (vgg_jax.resample; the same crops within ±1). The canvas: 0 = 2 × crop_size.
-    config.resample_on_device = False
-    config.resample_canvas = 0
-    config.color_shift_std = 0.1  # PCA colour shift, α ~ N(0, 0.1²)
-    config.mean_rgb = CAFFE_MEAN_RGB
-    config.shuffle_buffer = 16_384
-    config.corrupt_images = "skip"  # or 'fail'
-    # The training stream is cut into this many shards (0: one per process); each process reads
-    # input_shards / process_count of them, so a 1-process run can reproduce a multi-host run exactly.
-    config.input_shards = 0
-
-    # Paper §3.1: optimisation.
-    config.global_batch_size = 256
-    config.eval_batch_size = 256
-    config.num_epochs = 74.0  # 370K iterations at batch 256
-    config.num_train_steps = -1  # > 0 overrides num_epochs
-    config.learning_rate = 1e-2
-    config.momentum = 0.9
-    config.weight_decay = 5e-4
-    config.decay_biases = False  # Caffe's decay_mult 0 on biases [choice]
-    config.lr_schedule = "plateau"  # or 'step'
-    # Plateau rule [choice: the paper gives no patience/threshold]: divide by 10
-    # after `patience` evaluations without a `threshold` drop of validation top-1
-    # error, at most `max_reductions` times (the paper's run saw 3).
-    config.plateau = ml_collections.ConfigDict(
-        dict(factor=0.1, patience=3, threshold=1e-3, cooldown=0, max_reductions=3)
-    )
-    config.step_boundaries_epochs = (30.0, 50.0, 65.0)  # for lr_schedule='step'
-
-    # Paper §3.1: initialisation of deeper nets / finer scales from an earlier run.
-    # Not type-safe: `layers` is a tuple of names or the string 'all' (set below for S=384 / jittered S).
-    config.warm_start = ml_collections.ConfigDict(
-        dict(checkpoint="", step="best", layers=NET_A_SHARED_LAYERS if variant not in ("A", "A-LRN") else ()),
-        type_safe=False,
-    )
-
-    # Loop, logging, checkpoints.
-    config.log_every_steps = 100
-    # Per-layer gradient norms and update/parameter ratios in the train rows (diagnosing divergence; the
-    # global ones are always there). Cheap, but 4 numbers per layer per row.
-    config.log_layer_stats = False
-    config.eval_every_steps = -1  # -1: once per epoch
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
-    config.keep_best_checkpoints = 1
-    # > 0: save and stop after this many steps of one invocation, as on preemption (for time-limited job slots).
-    config.stop_after_steps = -1
-    # Divergence (vgg_jax.guard) [choice: off, as the paper reports none]. Non-finite loss or parameters always
-    # stop the run; with max_retries > 0 the run instead goes back to the last good checkpoint, × plateau.factor
-    # on the rate, at most max_retries times. factor > 0 also treats a log interval whose mean loss exceeds
-    # factor × the median of the last `window` intervals as a spike (e.g. factor=3, max_retries=2).
-    config.spike_guard = ml_collections.ConfigDict(dict(factor=0.0, window=5, max_retries=0))
-    config.distributed = ml_collections.ConfigDict(
-        dict(initialize="auto", coordinator_address="", num_processes=-1, process_id=-1, heartbeat_timeout_seconds=60)
-    )
+    config = _declared_recipe()
+    config.model.variant = variant
+    if variant in ("A", "A-LRN"):
+        config.warm_start.layers = ()  # net A trains from random init
 
     scale = options.get("scale", "256")
     low, high = _training_scale(scale)
@@ -158,6 +72,15 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
             _stl10(config)
     if "demo" in options:
         _demo(config, options.get("dataset", ""))
+    return config
+
+
+def _declared_recipe() -> ml_collections.ConfigDict:
+    """The declared defaults of the recipe's fields (`vgg_jax.configs.fields`), as a ConfigDict."""
+    config = ml_collections.ConfigDict()
+    for name, value in fields.defaults("recipe").items():
+        group = fields.GROUPS.get(name)
+        config[name] = ml_collections.ConfigDict(value, type_safe=group.type_safe) if group else value
     return config
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from vgg_jax import models
-from vgg_jax.configs import common
+from vgg_jax.configs import common, fields
 
 _OPTIONS = ("pcr", "scr", "all", "fc6-fc7", "classifier", "demo", "variant", "scale", "dataset")
 
@@ -47,23 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "-" in options.get("scale", ""):
         raise ValueError("App. A trains at a fixed S (scale=256 or scale=384), not a jittered range")
     config = common.get_config(variant, base + (",demo" if "demo" in options else ""))
-    config.loc = ml_collections.ConfigDict(
-        dict(
-            finetune="fc6-fc7" if "fc6-fc7" in options else "all",
-            # The data set's features (TFDS names; '/' reaches into a sequence of objects) [choice: ILSVRC-style].
-            image_feature="image",
-            label_feature="label",
-            boxes_feature="objects/bbox",
-            box_labels_feature="",
-            max_boxes=16,
-            # Protocol 2 (dense, top-5): class scores from these classifiers ('' = warm_start.checkpoint).
-            classifiers="",
-            test_scales=(config.eval_scale,),
-            flip=True,  # the image and its mirror, as the dense classification test (§3.2)
-            merge_iou=0.5,  # [choice] boxes with IoU >= this are "spatially close" and averaged
-            top_k=5,
-        )
-    )
+    config.loc = ml_collections.ConfigDict(fields.defaults("loc")["loc"])
+    config.loc.finetune = "fc6-fc7" if "fc6-fc7" in options else "all"
+    config.loc.test_scales = (config.eval_scale,)
     if "demo" in options:
         _demo(config)
     if "classifier" in options:

@@ -1,223 +1,33 @@
-"""Every config field checked before any work: one table of field specs, a few cross-field rules.
+"""Every config field checked before any work: the declared allowed values, and a few cross-field rules.
 
 `validate(config)` walks a run config (an ``ml_collections.ConfigDict``, a
-frozen one, or the plain nested dict of a ``config.json``) against `FIELDS`
-and `RULES` and raises one ``ValueError`` listing every problem, one line
-each, as ``config.<dotted.field>=<value given>: expected <what is allowed>``.
-A field the table does not know is an error too (usually a typo'd
-``--config.field=`` override that ml_collections would otherwise accept on an
-unlocked config, or a stale field in a hand-written one).
-
-The table is the single statement of what each field of
-`vgg_jax/configs/common.py` may hold; fields that only some configs carry
-(``resize_method``, ``download``, ``class_names``/``preprocessing`` of
-converted weights, ``distributed.initialization_timeout_seconds``) are marked
-optional. Cross-field rules run only on fields that passed their own check,
-so a bad type is reported once, not again as a rule violation.
-
-This module imports neither TensorFlow nor JAX: it runs before either is
-initialised (and in tools that never load them).
+frozen one, or the plain nested dict of a ``config.json``) against the
+declarations of `vgg_jax.configs.fields` and the `RULES` here, and raises one
+``ValueError`` listing every problem, one line each, as
+``config.<dotted.field>=<value given>: expected <what is allowed>``. An
+undeclared field is an error too (usually a typo'd ``--config.field=``).
+Cross-field rules run only on fields that passed their own check, so a bad
+type is reported once. Imports no TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vgg_jax.configs.specs import (
-    Spec,
-    boolean,
-    custom,
-    integer,
-    is_int,
-    is_number,
-    number,
-    one_of,
-    sequence,
-    text,
-)
+from vgg_jax.configs import fields
+from vgg_jax.configs.fields import GROUPS, Field
+from vgg_jax.configs.tree import flatten, is_group
 
-# The six configurations of paper Table 1. models.VARIANTS is the same tuple; it is not imported
-# because models pulls in JAX/Flax (tests/test_validation.py checks that the two agree).
-VARIANTS = ("A", "A-LRN", "B", "C", "D", "E")
-# Layer names of the released Caffe models (conv{block}_{i}, fc6–fc8), for warm_start.layers.
-_LAYER_NAME = re.compile(r"conv[1-5]_[1-4]|fc[678]")
-_HOST_PORT = re.compile(r"\S+:\d{1,5}")
 _MISSING = object()
 
 
-# --------------------------------------------------------------------------- field specs (configs/specs.py)
-
-
-def warm_start_layers(value: Any) -> str | tuple[str, ...]:
-    """config.warm_start.layers as 'all' or a tuple of layer names; ValueError for anything else.
-
-    Accepts every form a config or the command line produces: 'all'; a tuple/list of names; a
-    comma-separated string; and, because config_flags parses an override by the field's current
-    type, ('all',) and ('conv1_1,fc8',) from ``--config.warm_start.layers=all`` / ``=conv1_1,fc8``
-    on a field that holds a tuple. '' and () mean no layers.
-    """
-    if isinstance(value, str):
-        parts = [value]
-    elif isinstance(value, (tuple, list)) and all(isinstance(part, str) for part in value):
-        parts = list(value)
-    else:
-        raise ValueError(f"warm_start.layers={value!r} is neither a string nor a sequence of strings")
-    names = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
-    if names == ("all",):
-        return "all"
-    unknown = [name for name in names if not _LAYER_NAME.fullmatch(name)]
-    if unknown:
-        raise ValueError(f"warm_start.layers: {unknown} are not layer names")
-    return names
-
-
-def _layers(value: Any) -> bool:
-    warm_start_layers(value)  # raises ValueError, which Spec.problem reports
-    return True
-
-
-def _warm_start_step(value: Any) -> bool:
-    # The command line gives a str field '5' for --config.warm_start.step=5; checkpoints accepts it.
-    if isinstance(value, str):
-        return value in ("best", "latest") or value.isdigit()
-    return is_int(value) and value >= 0
-
-
-def _class_names(value: Any) -> bool:
-    return value is None or (isinstance(value, (tuple, list)) and all(isinstance(name, str) for name in value))
-
-
-def _string_mapping(value: Any) -> bool:
-    keys = getattr(value, "keys", None)
-    return keys is not None and all(isinstance(k, str) and isinstance(value[k], str) for k in keys())
-
-
-_FLOAT16 = (
-    "float16 is refused: training it needs loss scaling, which vgg_jax does not do (gradients underflow); "
-    "bfloat16 has float32's range and needs none"
-)
-
-# Nested groups of fields (ConfigDicts inside the config); everything else is a leaf in FIELDS.
-# → optional (spike_guard: absent from the config.json of runs that predate it)
-GROUPS: dict[str, bool] = {
-    "model": False,
-    "plateau": False,
-    "warm_start": False,
-    "distributed": True,
-    "spike_guard": True,
-    "loc": True,
-}
-
-# Every field of configs/common.py, and the optional fields some configs carry. Keep in step with common.py:
-# tests/test_validation.py fails for a field of the default config that is missing here.
-FIELDS: dict[str, Spec] = {
-    "seed": integer(0, 2**31 - 1),  # jax.random.key and tf.data both take it (+ the process index)
-    # Paper §2: the network.
-    "model.variant": one_of(*VARIANTS),
-    "model.num_classes": integer(2),
-    "model.width_multiplier": number(0, low_open=True),
-    "model.fc_width": integer(1),
-    "model.dropout_rate": number(0, 1, high_open=True),
-    "model.initializer": one_of("normal", "glorot", "he"),
-    "model.init_std": number(0, low_open=True),
-    "model.lrn_alpha_over_size": boolean(),
-    "compute_dtype": one_of("float32", "bfloat16", refused={"float16": _FLOAT16}),
-    "remat": boolean(),
-    # Paper §3.1: data and augmentation.
-    "dataset": text(what="a TFDS name; '' only in converted configs"),
-    "data_dir": text(what="'' for the TFDS default"),
-    "download": boolean(optional=True),
-    "train_split": text(nonempty=True, what="a TFDS split"),
-    "eval_split": text(nonempty=True, what="a TFDS split"),
-    "crop_size": integer(32, multiple_of=32),  # five 2x2 max-pools
-    "scale_min": integer(1),
-    "scale_max": integer(1),
-    "eval_scale": integer(1),
-    "eval_method": one_of("center_crop", "dense"),
-    "resize_method": one_of("exact", "fast", optional=True),
-    "resample_on_device": boolean(optional=True),  # vgg_jax.resample: the train step rescales the crops
-    "resample_canvas": integer(0, optional=True),  # its canvas side; 0: 2 × crop_size
-    "random_flip": boolean(),
-    "color_shift_std": number(0),
-    "mean_rgb": sequence(lambda v: is_number(v) and 0 <= v <= 255, "numbers in [0, 255] (R, G, B)", length=3),
-    "shuffle_buffer": integer(1),
-    "corrupt_images": one_of("skip", "fail"),
-    "input_shards": integer(1, special={0: "one per process"}),
-    # Paper §3.1: optimisation.
-    "global_batch_size": integer(1),
-    "eval_batch_size": integer(1),
-    "num_epochs": number(0),
-    "num_train_steps": integer(1, special={-1: "train for num_epochs"}),
-    "learning_rate": number(0, low_open=True),
-    "momentum": number(0, 1, high_open=True),
-    "weight_decay": number(0),
-    "decay_biases": boolean(),
-    "lr_schedule": one_of("plateau", "step"),
-    "plateau.factor": number(0, 1, low_open=True, high_open=True),
-    "plateau.patience": integer(1),  # optim.PlateauControl's bound: 0 would divide after every evaluation
-    "plateau.threshold": number(0),
-    "plateau.cooldown": integer(0),
-    "plateau.max_reductions": integer(0),
-    "step_boundaries_epochs": sequence(lambda v: is_number(v) and v > 0, "positive numbers (epochs)", increasing=True),
-    # Paper §3.1: warm start of deeper nets / finer scales.
-    "warm_start.checkpoint": text(what="a run directory; '' for none"),
-    "warm_start.step": custom(_warm_start_step, "'best', 'latest' or a step number >= 0"),
-    "warm_start.layers": custom(
-        _layers,
-        "'all', or layer names (conv1_1 … conv5_4, fc6, fc7, fc8) as a tuple/list or a comma-separated string "
-        "('' or () for none)",
-    ),
-    # Loop, logging, checkpoints.
-    "log_every_steps": integer(1),
-    "log_layer_stats": boolean(optional=True),
-    "eval_every_steps": integer(1, special={-1: "once per epoch"}),
-    "checkpoint_every_steps": integer(1),
-    "keep_checkpoints": integer(1),  # 0 (with keep_best_checkpoints=0) would delete every checkpoint
-    "keep_best_checkpoints": integer(0),
-    "stop_after_steps": integer(1, special={-1: "no limit"}),
-    "spike_guard.factor": custom(lambda v: is_number(v) and (v == 0 or v > 1), "0 (off) or a finite number > 1"),
-    "spike_guard.window": integer(1),
-    "spike_guard.max_retries": integer(0),
-    "distributed.initialize": one_of("auto", "yes", "no"),
-    "distributed.coordinator_address": custom(
-        lambda v: isinstance(v, str) and (v == "" or bool(_HOST_PORT.fullmatch(v))), "'' or 'host:port'"
-    ),
-    "distributed.num_processes": integer(1, special={-1: "from the environment"}),
-    "distributed.process_id": integer(0, special={-1: "from the environment"}),
-    "distributed.heartbeat_timeout_seconds": integer(1),
-    "distributed.initialization_timeout_seconds": integer(1, optional=True),
-    # Converted weights (vgg_jax.convert): names of fc8's classes and how the original preprocessing was absorbed.
-    "class_names": custom(_class_names, "None or a list of strings", optional=True),
-    "class_wnids": custom(_class_names, "None or a list of WordNet ids", optional=True),  # converted ImageNet weights
-    "model.include_top": boolean(optional=True),  # False: converted Keras 'notop' weights (no fc6–fc8)
-    "preprocessing": custom(_string_mapping, "a mapping of strings to strings", optional=True),
-}
-
-
-# Paper App. A localisation (vgg_jax/configs/loc.py): checked only in configs that carry the `loc` group.
-LOC_FIELDS: dict[str, Spec] = {
-    "model.box_head": one_of("scr", "pcr"),  # one box for all classes, or one per class
-    "loc.finetune": one_of("all", "fc6-fc7"),
-    "loc.image_feature": text(nonempty=True, what="a TFDS feature"),
-    "loc.label_feature": text(nonempty=True, what="a TFDS ClassLabel feature, e.g. 'label' or 'objects/label'"),
-    "loc.boxes_feature": text(nonempty=True, what="a TFDS BBox feature, e.g. 'objects/bbox'"),
-    "loc.box_labels_feature": text(what="the boxes' classes; '' when every box is of the image's class"),
-    "loc.max_boxes": integer(1),
-    "loc.classifiers": text(what="classification run directories, comma-separated; '' for warm_start.checkpoint"),
-    "loc.test_scales": sequence(lambda v: is_int(v) and v >= 32, "integers >= 32 (test scales Q)"),
-    "loc.flip": boolean(),
-    "loc.merge_iou": number(0, 1),
-    "loc.top_k": integer(1),
-}
-
-
-def fields_of(config: Any) -> dict[str, Spec]:
-    """The specs that apply to `config`: FIELDS, and LOC_FIELDS when it has a `loc` group."""
-    return FIELDS | LOC_FIELDS if _is_group(config) and "loc" in config.keys() else FIELDS
+def fields_of(config: Any) -> dict[str, Field]:
+    """The declarations that apply to `config`: the recipe's and extras, App. A's when it has a `loc` group."""
+    loc = is_group(config) and "loc" in config.keys() and is_group(config["loc"])
+    return {field.path: field for field in fields.FIELDS if field.where != "loc" or loc}
 
 
 # --------------------------------------------------------------------------- cross-field rules
@@ -307,6 +117,15 @@ def _loc_center_crop(box_head: str, eval_method: str) -> str | None:
     return None
 
 
+def _canvas_holds_crop(resample_on_device: bool, resample_canvas: int, crop_size: int) -> str | None:
+    if resample_on_device and 0 < resample_canvas < crop_size:
+        return (
+            f"config.resample_canvas={resample_canvas} is smaller than config.crop_size={crop_size}: the canvas must "
+            "hold at least a crop's window (0 picks 2 × crop_size)"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("scale_min", "scale_max"), _scale_range),
     Rule(("crop_size", "scale_min"), _crop_in_scale),
@@ -317,6 +136,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("class_names", "model.num_classes"), _class_names_match),
     Rule(("dataset", "preprocessing"), _dataset_named),
     Rule(("model.box_head", "eval_method"), _loc_center_crop),
+    Rule(("resample_on_device", "resample_canvas", "crop_size"), _canvas_holds_crop),
 )
 # Fields a rule may see absent (passed as _MISSING rather than skipping the rule).
 _RULE_MAY_BE_MISSING = frozenset({"preprocessing"})
@@ -325,61 +145,44 @@ _RULE_MAY_BE_MISSING = frozenset({"preprocessing"})
 # --------------------------------------------------------------------------- the walk
 
 
-def _is_group(value: Any) -> bool:
-    # ConfigDict, FrozenConfigDict and dict all have keys() and item access; ConfigDict is no Mapping.
-    return hasattr(value, "keys") and hasattr(value, "__getitem__") and not isinstance(value, (str, bytes))
-
-
-def _flatten(config: Any) -> tuple[dict[str, Any], list[str]]:
-    """{dotted field: value} for the leaves the table knows, and problems with the config's shape."""
-    values: dict[str, Any] = {}
+def _shape_problems(config: Any, declared: dict[str, Field]) -> list[str]:
+    """Undeclared fields (with a guess), groups that are no group, and missing groups."""
     found: list[str] = []
-    fields = fields_of(config)
-    known = set(fields) | set(GROUPS)
-
-    def walk(node: Any, prefix: str) -> None:
-        for key in sorted(node.keys(), key=str):
-            path = f"{prefix}{key}"
-            value = node[key]
-            if path in GROUPS:
-                if _is_group(value):
-                    walk(value, path + ".")
-                else:
-                    found.append(f"config.{path}={value!r}: expected a group of fields (a ConfigDict)")
-            elif path in fields:
-                values[path] = value
-            else:
-                guess = difflib.get_close_matches(path, sorted(known), n=1)
-                hint = f"; did you mean config.{guess[0]}?" if guess else ""
-                found.append(f"config.{path}={value!r}: unknown field (not in vgg_jax/configs/common.py){hint}")
-
-    walk(config, "")
-    return values, found
+    known = sorted(set(declared) | set(GROUPS))
+    for path, value in flatten(config).items():
+        if path in GROUPS:
+            found.append(f"config.{path}={value!r}: expected a group of fields (a ConfigDict)")
+        elif path not in declared:
+            guess = difflib.get_close_matches(path, known, n=1)
+            hint = f"; did you mean config.{guess[0]}?" if guess else ""
+            found.append(f"config.{path}={value!r}: unknown field (not in vgg_jax/configs/fields.py){hint}")
+    present = set(config.keys())
+    found += [
+        f"config.{name} is missing: expected a group of fields (a ConfigDict)"
+        for name, group in GROUPS.items()
+        if name not in present and not group.optional and group.where == "recipe"
+    ]
+    return found
 
 
 def problems(config: Any) -> list[str]:
     """Every problem with `config`, one line each (empty when it is valid)."""
-    if not _is_group(config):
+    if not is_group(config):
         return [f"config={config!r}: expected a ConfigDict (or dict) of fields"]
-    values, found = _flatten(config)
+    declared = fields_of(config)
+    found = _shape_problems(config, declared)
+    values = {path: value for path, value in flatten(config).items() if path in declared}
+    # A group that is absent or no group is reported once, as the group, not field by field.
+    no_group = {name for name in GROUPS if not is_group(config[name] if name in config.keys() else None)}
     bad: set[str] = set()
-    present = set(config.keys())
-    for group, optional in GROUPS.items():
-        absent = group not in present
-        if absent and not optional:
-            found.append(f"config.{group} is missing: expected a group of fields (a ConfigDict)")
-        if absent or not _is_group(config[group]):  # reported once, as the group, not field by field
-            bad.update(path for path in FIELDS if path.startswith(group + "."))
-    for path, spec in fields_of(config).items():
-        if path in bad:
-            continue
-        if path not in values:
-            if not spec.optional:
-                found.append(f"config.{path} is missing: expected {spec.allowed}")
+    for path, field in declared.items():
+        if fields.group_of(path) in no_group:
+            bad.add(path)
+        elif path not in values:
+            if not field.may_be_absent:
+                found.append(f"config.{path} is missing: expected {field.spec.allowed}")
                 bad.add(path)
-            continue
-        problem = spec.problem(values[path])
-        if problem:
+        elif problem := field.spec.problem(values[path]):
             found.append(f"config.{path}={values[path]!r}: {problem}")
             bad.add(path)
     for rule in RULES:
