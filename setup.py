@@ -25,7 +25,7 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=10",
         "numpy>=1.26",
-        "h5py>=3.10",  # Keras weight files (vgg_jax.pretrained, vgg_jax.convert)
+        "h5py>=3.10",  # Keras weight files (vgg_jax.pretrained, vgg_jax.weights.convert)
         "safetensors>=0.4",  # timm / torchvision .safetensors files, read with NumPy (no torch)
     ],
     extras_require={

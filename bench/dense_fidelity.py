@@ -27,8 +27,11 @@ def main() -> None:
     parser.add_argument("--step", default="latest")
     args = parser.parse_args()
 
-    from vgg_jax import checkpoints, models, protocols, runner
+    from vgg_jax import models
+    from vgg_jax.checkpointing import checkpoints
     from vgg_jax.data import streams
+    from vgg_jax.evaluation import arithmetic as protocols
+    from vgg_jax.evaluation import runner
 
     params, config, step = checkpoints.restore_params(args.checkpoint, args.step)
     images, labels = [], []

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     common.quiet_tensorflow()
     if not args.no_cpu_defaults:
-        from vgg_jax import cpu_defaults
+        from vgg_jax.runtime import cpu_defaults
 
         cpu_defaults.apply()
     import os

@@ -2,7 +2,7 @@
 
 Synthetic 4:3 images, already rescaled to each Q (the host-side rescale is
 the input pipeline's cost, not measured here), run through
-`vgg_jax.runner.run_evaluation` — the same code path as real evaluation,
+`vgg_jax.evaluation.runner.run_evaluation` — the same code path as real evaluation,
 with its dense shape buckets, host-side crops and padded batches. Test
 scales keep the paper's ratios to the crop: Q = 256/224·crop single,
 {224, 256, 288}/224·crop multi. One untimed pass compiles; the median of
@@ -56,7 +56,7 @@ def gmacs_per_image(model, method: str, scales: list[int]) -> float:
     import jax
     import jax.numpy as jnp
 
-    from vgg_jax import protocols
+    from vgg_jax.evaluation import arithmetic as protocols
 
     crop = model.crop_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.float32))
@@ -95,7 +95,8 @@ def run_benchmark(
     import jax
     import jax.numpy as jnp
 
-    from vgg_jax import models, runner
+    from vgg_jax import models
+    from vgg_jax.evaluation import runner
 
     model = models.VGG(
         variant=variant,

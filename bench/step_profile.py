@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     common.quiet_tensorflow()
-    from vgg_jax import cpu_defaults
+    from vgg_jax.runtime import cpu_defaults
 
     cpu_defaults.apply()
     import torch

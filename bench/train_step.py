@@ -20,7 +20,7 @@ What it measures, in one process (plus one PyTorch worker process with ``--torch
   temporaries − aliased), and the device's peak bytes where it reports them.
 
 ``--no-cpu-defaults`` measures XLA's own CPU defaults (otherwise
-vgg_jax.cpu_defaults applies, as `python -m vgg_jax.main` does); ``--sweep``
+vgg_jax.runtime.cpu_defaults applies, as `python -m vgg_jax.main` does); ``--sweep``
 runs every candidate XLA:CPU flag set of CPU_FLAG_VARIANTS in a fresh process.
 """
 
@@ -87,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=0, help="side of the rate matmul (0: 2048 CPU, 8192 GPU)")
     parser.add_argument("--torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch step")
-    parser.add_argument("--no-cpu-defaults", action="store_true", help="XLA's own CPU flags (no vgg_jax.cpu_defaults)")
+    parser.add_argument(
+        "--no-cpu-defaults", action="store_true", help="XLA's own CPU flags (no vgg_jax.runtime.cpu_defaults)"
+    )
     parser.add_argument("--flops-only", action="store_true", help="cost analysis only (no compile of a run, no timing)")
     parser.add_argument("--matmul-only", action="store_true", help="only the matmul rate, at a few sizes")
     parser.add_argument("--tiny", action="store_true", help="a tiny net and batch (for tests)")
@@ -126,7 +128,8 @@ def build(args: argparse.Namespace):
     """
     import jax
 
-    from vgg_jax import models, optim, steps
+    from vgg_jax import models
+    from vgg_jax.training import optim, steps
 
     config = make_config(args)
     model = models.from_config(config)
@@ -166,7 +169,8 @@ def flop_check(args: argparse.Namespace, compile_step: bool = True) -> dict[str,
     """XLA's FLOPs of the step (optimised HLO when `compile_step`, else the lowered HLO) vs the analytic count."""
     import jax
 
-    from vgg_jax import models, optim, steps
+    from vgg_jax import models
+    from vgg_jax.training import optim, steps
 
     config = make_config(args)
     model = models.from_config(config)
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep(args, argv)
         return
     if not args.no_cpu_defaults:
-        from vgg_jax import cpu_defaults
+        from vgg_jax.runtime import cpu_defaults
 
         cpu_defaults.apply()
     if args.matmul_only:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from vgg_jax import cpu_defaults
+from vgg_jax.runtime import cpu_defaults
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _run_tiny(tmp_path, name, *extra, xla_flags=None):
 
 @pytest.fixture(scope="module")
 def tiny_with_defaults(tmp_path_factory):
-    """The tiny benchmark as users get it: vgg_jax.cpu_defaults applied, PyTorch interleaved when installed."""
+    """The tiny benchmark as users get it: vgg_jax.runtime.cpu_defaults applied, PyTorch interleaved when installed."""
     return _run_tiny(tmp_path_factory.mktemp("bench"), "defaults", *(["--torch"] if HAS_TORCH else []))
 
 

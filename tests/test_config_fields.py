@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from vgg_jax import resume
 from vgg_jax.configs import NETS, PACKAGED, common, fields, loc, specs, validation
 from vgg_jax.configs.tree import flatten, get_field, set_field
+from vgg_jax.training import resume
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "vgg_jax"

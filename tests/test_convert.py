@@ -10,8 +10,10 @@ import pytest  # noqa: E402
 import torch_vgg  # noqa: E402
 
 import vgg_jax  # noqa: E402
-from vgg_jax import convert, models, perceptual, preprocess, weight_formats  # noqa: E402
-from vgg_jax.convert import ConversionError  # noqa: E402
+from vgg_jax import models, perceptual, preprocess
+from vgg_jax.weights import convert
+from vgg_jax.weights import formats as weight_formats
+from vgg_jax.weights.convert import ConversionError  # noqa: E402
 
 KERAS_SIZE = 64  # full widths, small images: a 2×2×512 map before fc1 still checks the flatten order
 

@@ -1,4 +1,4 @@
-"""Paper §3.2 / §4 evaluation: dense, multi-crop, scales, flips, fusion, top-k (vgg_jax/evaluate.py)."""
+"""Paper §3.2 / §4 evaluation: dense, multi-crop, scales, flips, fusion, top-k (vgg_jax/evaluation/evaluate.py)."""
 
 import json
 import os
@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoints, evaluate, models, protocols, runner
+from vgg_jax import models
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common
-from vgg_jax.protocols import multicrop_offsets, multicrop_views, topk_errors
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation import evaluate, runner
+from vgg_jax.evaluation.arithmetic import multicrop_offsets, multicrop_views, topk_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 32
@@ -409,7 +412,13 @@ def test_fusion_of_checkpoints_end_to_end(fake_runs, tmp_path, capsys):
 def test_cli(fake_runs, tmp_path):
     out = tmp_path / "cli.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "vgg_jax.evaluate", f"--checkpoint={fake_runs['net_a']}", "--method=dense"]
+    command = [
+        sys.executable,
+        "-m",
+        "vgg_jax.evaluation.evaluate",
+        f"--checkpoint={fake_runs['net_a']}",
+        "--method=dense",
+    ]
     done = subprocess.run(
         [*command, "--scales=36", "--max_examples=12", f"--out={out}"], env=env, capture_output=True, text=True
     )

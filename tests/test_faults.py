@@ -25,9 +25,12 @@ import pytest
 from test_train import tiny_config
 
 import vgg_jax
-from vgg_jax import checkpoints, inference, models, optim, parallel, perceptual, run_lock, steps, train
+from vgg_jax import inference, models, perceptual
+from vgg_jax.checkpointing import checkpoints, run_lock
 from vgg_jax.configs import loc as loc_configs
 from vgg_jax.data import sources
+from vgg_jax.runtime import parallel
+from vgg_jax.training import optim, steps, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -404,12 +407,32 @@ def test_every_command_names_a_bad_argument_in_one_line(tmp_path):
         (main, ["--config=configs/a.py:scale=abc", work], ["scale='abc' is not a training scale", "scale=256-512"]),
         (main, ["--config=configs/a.py:demo", "--config.num_train_steps=abc", work], ["=abc: expected an integer"]),
         (main, ["--config=configs/a.py:demo"], ["--workdir is required"]),
-        ("vgg_jax.evaluate", ["--checkpoint=r", "--step=abc"], ["--step=abc: 'abc' is not a checkpoint step"]),
-        ("vgg_jax.evaluate", ["--checkpoint=r", "--max_examples=all"], ["--max_examples=all: expected an integer"]),
-        ("vgg_jax.transfer", ["--checkpoint=r", "--dataset=d", "--scales=256,big"], ["--scales=256,big: expected"]),
-        ("vgg_jax.convert", ["--source=caffe", "--weights=w", "--variant=D", "--out=o"], ["--source=caffe: expected"]),
-        ("vgg_jax.convert", ["--source=keras", "--variant=D", "--out=o"], ["--weights is required"]),
-        ("vgg_jax.localise_eval", ["--checkpoint=r", "--step=final"], ["--step=final: 'final' is not a checkpoint"]),
+        (
+            "vgg_jax.evaluation.evaluate",
+            ["--checkpoint=r", "--step=abc"],
+            ["--step=abc: 'abc' is not a checkpoint step"],
+        ),
+        (
+            "vgg_jax.evaluation.evaluate",
+            ["--checkpoint=r", "--max_examples=all"],
+            ["--max_examples=all: expected an integer"],
+        ),
+        (
+            "vgg_jax.evaluation.transfer",
+            ["--checkpoint=r", "--dataset=d", "--scales=256,big"],
+            ["--scales=256,big: expected"],
+        ),
+        (
+            "vgg_jax.weights.convert",
+            ["--source=caffe", "--weights=w", "--variant=D", "--out=o"],
+            ["--source=caffe: expected"],
+        ),
+        ("vgg_jax.weights.convert", ["--source=keras", "--variant=D", "--out=o"], ["--weights is required"]),
+        (
+            "vgg_jax.localisation.evaluate",
+            ["--checkpoint=r", "--step=final"],
+            ["--step=final: 'final' is not a checkpoint"],
+        ),
         (
             "vgg_jax.data.mean_rgb",
             ["--dataset=d", "--max_examples=all"],
@@ -420,7 +443,7 @@ def test_every_command_names_a_bad_argument_in_one_line(tmp_path):
     ]
     verbose = [
         (main, ["--config=no/such/net.py", work], {"VGG_JAX_VERBOSE": "1"}),
-        ("vgg_jax.evaluate", ["--checkpoint=r", "--step=abc", "--verbosity=1"], {}),
+        ("vgg_jax.evaluation.evaluate", ["--checkpoint=r", "--step=abc", "--verbosity=1"], {}),
     ]
     spec = [{"module": m, "args": a} for m, a, _ in cases] + [{"module": m, "args": a, "env": e} for m, a, e in verbose]
     (tmp_path / "cases.json").write_text(json.dumps(spec))

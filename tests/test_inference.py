@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import vgg_jax
-from vgg_jax import checkpoints, inference, models, protocols
+from vgg_jax import inference, models
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common
+from vgg_jax.evaluation import arithmetic as protocols
 
 
 def _random_params(config, seed):

@@ -119,7 +119,7 @@ def test_installed_package_converts_and_loads_with_relative_paths(installed):
     python, elsewhere = installed
     _write_keras_vgg16(elsewhere / "vgg16_narrow.h5")
     args = ["--source=keras", "--weights=vgg16_narrow.h5", "--variant=D", "--out=weights/vgg16"]
-    result = _run(python, elsewhere, "-m", "vgg_jax.convert", *args)
+    result = _run(python, elsewhere, "-m", "vgg_jax.weights.convert", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     load = (
         "import numpy as np, vgg_jax\n"

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 import vgg_jax
-from vgg_jax import checkpoints, localise, localise_eval, models, train
+from vgg_jax import models
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import loc as loc_config
 from vgg_jax.configs import validation
+from vgg_jax.localisation import arithmetic as localise
+from vgg_jax.localisation import evaluate as localise_eval
+from vgg_jax.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,10 @@ import pytest
 import tensorflow as tf
 
 from vgg_jax.configs import loc as loc_config
-from vgg_jax.data import boxes, embedded_loc, ilsvrc_loc, sources
+from vgg_jax.data import sources
+from vgg_jax.localisation import boxes
+from vgg_jax.localisation import embedded_data as embedded_loc
+from vgg_jax.localisation import ilsvrc_data as ilsvrc_loc
 
 
 def painted(height, width, box):

@@ -68,7 +68,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     import signal
     import time
 
-    from vgg_jax import checkpoints
+    from vgg_jax.checkpointing import checkpoints
 
     args = [sys.executable, "-m", "vgg_jax.main", *TINY, "--config.num_train_steps=100000", f"--workdir={tmp_path}"]
     args = [a for a in args if not a.startswith("--config.num_train_steps=2")]

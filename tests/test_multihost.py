@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoints
+from vgg_jax.checkpointing import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vgg_jax import parallel
+from vgg_jax.runtime import parallel
 
 STEP = {  # one task of `srun --ntasks=4` on two nodes
     "SLURM_JOB_ID": "4242",

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch_vgg
 
-from vgg_jax import models, perceptual, weight_formats
+from vgg_jax import models, perceptual
+from vgg_jax.weights import formats as weight_formats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCHVISION_MEAN_RGB = tuple(255 * m for m in weight_formats.TORCHVISION_MEAN)

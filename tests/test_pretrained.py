@@ -20,8 +20,10 @@ from markdown_blocks import DOCS, code_blocks
 from safetensors.numpy import save_file
 
 import vgg_jax
-from vgg_jax import convert, pretrained, weight_formats
+from vgg_jax import pretrained
 from vgg_jax.pretrained import PretrainedError
+from vgg_jax.weights import convert
+from vgg_jax.weights import formats as weight_formats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

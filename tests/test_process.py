@@ -1,4 +1,4 @@
-"""Importing vgg_jax changes nothing in the process; the commands set it up (`vgg_jax.process`, `cpu_defaults`)."""
+"""Importing vgg_jax changes nothing in the process; the commands set it up (`runtime.process`)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vgg_jax import cpu_defaults
+from vgg_jax.runtime import cpu_defaults
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

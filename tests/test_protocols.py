@@ -1,11 +1,11 @@
-"""Paper §3.2 arithmetic shared by training, evaluation and the notebook API (vgg_jax/protocols.py)."""
+"""Paper §3.2 arithmetic shared by training, evaluation and the notebook API (vgg_jax/evaluation/arithmetic.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import protocols
+from vgg_jax.evaluation import arithmetic as protocols
 
 
 def test_topk_correct_is_the_same_rule_in_jnp_numpy_and_bfloat16_with_ties():

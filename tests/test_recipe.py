@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import layers, models, optim, protocols
+from vgg_jax import layers, models
 from vgg_jax.configs import common, fields
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.training import optim
 
 
 @pytest.fixture(params=["A", "A-LRN", "B", "C", "D", "E"])

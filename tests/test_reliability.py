@@ -10,8 +10,10 @@ import pytest
 import tensorflow_datasets as tfds
 from test_train import poison_step, read_metrics, tiny_config
 
-from vgg_jax import checkpoints, guard, inference, resume, train
+from vgg_jax import inference
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.data import sources
+from vgg_jax.training import guard, resume, train
 
 
 def _history(workdir):
@@ -70,7 +72,7 @@ def test_allowed_changes_resume_log_and_are_kept_in_the_history(tmp_path, caplog
 def test_converted_weights_as_workdir_say_what_they_are(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1), str(tmp_path / "run"))
     params, config, _ = checkpoints.restore_params(str(tmp_path / "run"))
-    checkpoints.save_params_only(str(tmp_path / "weights"), params, config)  # what vgg_jax.convert writes
+    checkpoints.save_params_only(str(tmp_path / "weights"), params, config)  # what vgg_jax.weights.convert writes
     with pytest.raises(ValueError, match=r"imported weights.*vgg_jax\.convert.*warm_start\.checkpoint="):
         train.train_and_evaluate(tiny_config(), str(tmp_path / "weights"))
 
@@ -180,7 +182,7 @@ def test_sigterm_handler_chains_to_the_one_before_and_is_restored():
     import os
     import signal
 
-    from vgg_jax import guard
+    from vgg_jax.training import guard
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""vgg_jax.resample + image_ops.random_window_on_canvas: paper §3.1's crops resampled on the device."""
+"""vgg_jax.training.resample + image_ops.random_window_on_canvas: paper §3.1's crops resampled on the device."""
 
 import io
 
@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vgg_jax import models, optim, resample, steps
+from vgg_jax import models
 from vgg_jax.configs import common, validation
 from vgg_jax.data import image_ops, streams
+from vgg_jax.training import optim, resample, steps
 
 DRAWS = dict(scale_min=40, scale_max=120, crop=32, flip=True)
 

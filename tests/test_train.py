@@ -14,8 +14,10 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from vgg_jax import checkpoints, guard, models, optim, steps, train
+from vgg_jax import models
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common, fields
+from vgg_jax.training import guard, optim, steps, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -308,7 +310,7 @@ def test_clear_errors_before_training(tmp_path):
         train.train_and_evaluate(tiny_config(scale_min=48, scale_max=40), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="global_batch_size"):
         # 7 is not divisible by this process's devices when there are several; use the field check directly.
-        from vgg_jax import parallel
+        from vgg_jax.runtime import parallel
 
         parallel.check_batch_size(7, type("M", (), {"devices": np.zeros(2)})())
     blocker = tmp_path / "file"

@@ -1,4 +1,4 @@
-"""Paper App. B (vgg_jax/transfer.py): metrics, the SVM protocol, descriptors, end to end on offline data."""
+"""Paper App. B (vgg_jax/evaluation/transfer.py): metrics, the SVM protocol, descriptors, end to end on offline data."""
 
 import json
 import os
@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vgg_jax import checkpoints, inference, models, protocols, runner, transfer
+from vgg_jax import inference, models
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation import runner, transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +155,13 @@ def test_voc_like_multilabel_set_with_mock_data(run_dir):
 def test_cli(run_dir, tmp_path):
     out = tmp_path / "row.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "vgg_jax.transfer", f"--checkpoint={run_dir}", "--dataset=sklearn_digits"]
+    command = [
+        sys.executable,
+        "-m",
+        "vgg_jax.evaluation.transfer",
+        f"--checkpoint={run_dir}",
+        "--dataset=sklearn_digits",
+    ]
     flags = ["--scales=32", "--train_split=train[:60]", "--test_split=test[:30]", "--c_grid=1", f"--out={out}"]
     done = subprocess.run([*command, *flags], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,7 +15,8 @@ import time
 import h5py
 import numpy as np
 
-from vgg_jax import models, weight_formats
+from vgg_jax import models
+from vgg_jax.weights import formats as weight_formats
 
 TINY = dict(width_multiplier=1 / 16, fc_width=16, num_classes=1000, crop_size=224)
 

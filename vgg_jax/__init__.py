@@ -4,7 +4,7 @@ from typing import Any
 
 from vgg_jax import pretrained  # a callable module: vgg_jax.pretrained("vgg16"); stdlib imports only
 from vgg_jax.models import VARIANTS, VGG, feature_names, layer_names, parameter_count
-from vgg_jax.process import prepare as prepare_process
+from vgg_jax.runtime.process import prepare as prepare_process
 
 __all__ = [
     "VARIANTS",

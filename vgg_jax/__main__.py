@@ -12,10 +12,13 @@ from collections.abc import Sequence
 # name → (module with a run() that reads sys.argv, what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vgg_jax.main", "train a net (paper §3.1), e.g. --config=configs/a.py:demo --workdir=runs/demo"),
-    "evaluate": ("vgg_jax.evaluate", "test runs (§3.2): dense / multi-crop, scales, flips, fusion; top-1/top-5"),
-    "transfer": ("vgg_jax.transfer", "App. B: a run's features + a linear SVM on another data set"),
-    "localise": ("vgg_jax.localise_eval", "App. A: localisation protocols 1 and 2 (Tables 8, 9)"),
-    "convert": ("vgg_jax.convert", "published weights (Keras, torchvision, timm) into a run directory"),
+    "evaluate": (
+        "vgg_jax.evaluation.evaluate",
+        "test runs (§3.2): dense / multi-crop, scales, flips, fusion; top-1/top-5",
+    ),
+    "transfer": ("vgg_jax.evaluation.transfer", "App. B: a run's features + a linear SVM on another data set"),
+    "localise": ("vgg_jax.localisation.evaluate", "App. A: localisation protocols 1 and 2 (Tables 8, 9)"),
+    "convert": ("vgg_jax.weights.convert", "published weights (Keras, torchvision, timm) into a run directory"),
     "mean-rgb": ("vgg_jax.data.mean_rgb", "a data set's mean RGB (§3.1 preprocessing)"),
 }
 

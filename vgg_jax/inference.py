@@ -14,7 +14,7 @@ Images are always uint8 RGB NHWC with values 0–255; the run's preprocessing
 (minus ``config.mean_rgb``) is applied here. Converted weights (``convert.py``)
 have their own preprocessing absorbed into conv1_1, so they take the same input.
 
-Dense evaluation (paper §3.2, the arithmetic in `vgg_jax.protocols`): each
+Dense evaluation (paper §3.2, the arithmetic in `vgg_jax.evaluation.arithmetic`): each
 image is rescaled so its smaller side is Q (bilinear, antialiased), the
 fully-convolutional net gives a class score map that is spatially averaged,
 soft-maxed, and averaged with the posterior of the horizontally flipped image
@@ -24,7 +24,7 @@ is the same with an activation map instead of the score map: global average
 over positions, averaged over the image and its flip, then over scales
 averaged or stacked, and L2-normalised at the end (`protocols.combine_scales`;
 ``normalize_scales=True`` also normalises each scale first, not the paper's).
-As in `vgg_jax.evaluate`, a side that is not a multiple of 32 is trimmed evenly at both ends first
+As in `vgg_jax.evaluation.evaluate`, a side that is not a multiple of 32 is trimmed evenly at both ends first
 (`protocols.centre_trim`), so the dense windows sit where the centre crop's does.
 """
 
@@ -42,8 +42,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vgg_jax import checkpoints, models, paths, preprocess, protocols
-from vgg_jax.protocols import center_crop, resize_smaller_side  # also offered to notebooks from here
+from vgg_jax import models, preprocess
+from vgg_jax.checkpointing import checkpoints
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation.arithmetic import center_crop, resize_smaller_side  # also offered to notebooks from here
+from vgg_jax.runtime import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,10 +364,10 @@ class Classifier:
         `images`: uint8 RGB, an (N, H, W, 3) batch or a list of (H, W, 3) images of any sizes.
         `classifiers` give the class scores (several are fused); by default those of
         ``config.loc.classifiers``, else the classifier this net started from (``warm_start.checkpoint``).
-        The other arguments default to ``config.loc``. Returns a `vgg_jax.localise_dense.Localisation`
+        The other arguments default to ``config.loc``. Returns a `vgg_jax.localisation.dense.Localisation`
         (boxes as normalised corners; ``.pixel_boxes(i, H, W)`` for drawing).
         """
-        from vgg_jax import localise_dense
+        from vgg_jax.localisation import dense as localise_dense
 
         if self.model.box_head == "none" or "loc" not in self.config:
             raise ValueError(f"{self!r} has no box layer (fc8_box): load a localisation run (configs/loc.py)")
@@ -403,7 +406,7 @@ def class_names_for(config: ml_collections.ConfigDict, directory: str | None = N
     """Names from a converted config's ``class_names``, else the run's ``class_names.json``; never the data set.
 
     Loading a run must not start a download (or import TensorFlow): a training run stores its data set's
-    names at start (`vgg_jax.resume.record_start`). Runs older than that get None and a one-line warning.
+    names at start (`vgg_jax.training.resume.record_start`). Runs older than that get None and a one-line warning.
     """
     if "class_names" in config:
         names = config.class_names
@@ -421,7 +424,7 @@ def class_names_for(config: ml_collections.ConfigDict, directory: str | None = N
 
 
 def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtype: Any = jnp.float32) -> Classifier:
-    """A `Classifier` from a run directory: a training workdir or the output of `vgg_jax.convert`.
+    """A `Classifier` from a run directory: a training workdir or the output of `vgg_jax.weights.convert`.
 
     `path` may be relative or start with `~`. `step`: None or 'latest' (newest checkpoint), 'best' (lowest validation
     top-1 error) or a step number. Inference runs in `dtype` (float32 by

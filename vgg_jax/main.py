@@ -10,7 +10,7 @@ there (an installed package, another directory), the packaged
 Paths may be relative or start with `~`. Library INFO logs are off; pass
 ``--verbosity=1`` (or set VGG_JAX_VERBOSE=1) to see them. A config that does
 not load (a missing file, a syntax error, a bad `:arg`, an unknown field, a
-value of the wrong type) is one line naming it (`vgg_jax.cli`).
+value of the wrong type) is one line naming it (`vgg_jax.runtime.cli`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import os
 import sys
 from typing import Any
 
-from vgg_jax import cli, configs
+from vgg_jax import configs
 from vgg_jax.configs.tree import flatten
+from vgg_jax.runtime import cli
 
 
 def _define_flags() -> None:
@@ -37,10 +38,10 @@ def _define_flags() -> None:
 def _main(argv: list[str]) -> None:
     from absl import flags
 
-    from vgg_jax import process
+    from vgg_jax.runtime import process
 
     process.start_command()
-    from vgg_jax import train
+    from vgg_jax.training import train
 
     train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
@@ -107,7 +108,8 @@ def _load_config(spec: str) -> Any:
 
 
 def run() -> None:
-    from vgg_jax import checkpoints, guard, run_lock
+    from vgg_jax.checkpointing import checkpoints, run_lock
+    from vgg_jax.training import guard
 
     expected = (ValueError, OSError, guard.DivergedError, run_lock.WorkdirInUseError, checkpoints.CheckpointError)
     cli.run_absl(

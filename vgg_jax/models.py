@@ -227,7 +227,7 @@ class VGG(nn.Module):
       box_head: paper App. A localisation: 'none' (fc8 gives class scores),
         'scr' (the last layer, ``fc8_box``, regresses one box (cx, cy, w, h)
         shared by all classes: 4 outputs) or 'pcr' (one box per class:
-        4·num_classes outputs, class-major). See `vgg_jax.localise`.
+        4·num_classes outputs, class-major). See `vgg_jax.localisation.arithmetic`.
     """
 
     variant: str = "D"

@@ -8,7 +8,7 @@
 
 The result is what `vgg_jax.load` returns (a `vgg_jax.inference.Classifier`).
 The first call downloads the published file to a temporary file, checks its
-hash, converts it with `vgg_jax.convert` into a temporary run directory and
+hash, converts it with `vgg_jax.weights.convert` into a temporary run directory and
 renames that into the cache (an atomic rename, so a cache entry is complete or
 absent), under a file lock so that concurrent first calls convert once; later
 calls load the cache without touching the network. The downloaded file is
@@ -310,7 +310,7 @@ def fetch(
             weights = work / entry.filename
             logging.info("downloading %s/%s from %s", entry.source, entry.name, source_url)
             file_sha256 = download(source_url, weights, algorithm, digest)
-            from vgg_jax import convert
+            from vgg_jax.weights import convert
 
             staged = work / "run"
             config = convert.convert(entry.source, weights, entry.variant, staged)

@@ -2,7 +2,7 @@
 
 `FIELDS` is read by `configs/common.py` and `configs/loc.py` (the defaults),
 `configs/validation.py` (the allowed values; cross-field rules live there),
-`vgg_jax.resume` (which fields may change on resume, and what a change does)
+`vgg_jax.training.resume` (which fields may change on resume, and what a change does)
 and docs/config.md (generated from it by `markdown_table`). A new field is one
 `Field` here, read somewhere in the package (tests/test_config_fields.py checks both).
 """
@@ -77,7 +77,7 @@ GROUPS: dict[str, Group] = {
         Group("model", "the network (paper §2)"),
         Group("plateau", "the plateau rule of the learning rate (§3.1)"),
         Group("warm_start", "initialisation from an earlier run (§3.1); `layers` is a tuple or 'all'", type_safe=False),
-        Group("spike_guard", "divergence guard (vgg_jax.guard)", optional=True),
+        Group("spike_guard", "divergence guard (vgg_jax.training.guard)", optional=True),
         Group("distributed", "how the processes find each other", optional=True),
         Group("loc", "localisation (App. A)", optional=True, where="loc"),
     )
@@ -324,7 +324,7 @@ FIELDS: tuple[Field, ...] = (
         _PROCESSES,
         where="extra",
     ),
-    # Converted weights (vgg_jax.convert).
+    # Converted weights (vgg_jax.weights.convert).
     Field("class_names", None, class_names, "names of fc8's classes", where="extra"),
     Field("class_wnids", None, class_names, "WordNet ids of fc8's classes (converted ImageNet weights)", where="extra"),
     Field("preprocessing", None, string_mapping, "how the original preprocessing was absorbed", where="extra"),

@@ -112,7 +112,7 @@ def _loc_center_crop(box_head: str, eval_method: str) -> str | None:
     if eval_method != "center_crop":
         return (
             f"config.eval_method={eval_method!r} with config.model.box_head={box_head!r}: localisation runs validate "
-            "on the centre crop (protocol 1); the dense protocol 2 is `python -m vgg_jax.localise_eval`"
+            "on the centre crop (protocol 1); the dense protocol 2 is `python -m vgg_jax localise`"
         )
     return None
 

@@ -9,8 +9,8 @@
   decodes only its JPEG window, the §3.1 augmentation.
 - `streams`: training and evaluation batches: per-process shards, determinism and resume,
   masked padding.
-- `mean_rgb`: the training set's mean RGB, and its CLI ``python -m vgg_jax.data.mean_rgb``.
+- `mean_rgb`: the training set's mean RGB, and its CLI ``python -m vgg_jax mean-rgb``.
 
 The on-device half (cast, colour shift, mean subtraction) is TensorFlow-free, in `vgg_jax.preprocess`.
-Importing this package imports nothing; the commands keep TensorFlow off the GPUs (`vgg_jax.process`).
+Importing this package imports nothing; the commands keep TensorFlow off the GPUs (`vgg_jax.runtime.process`).
 """

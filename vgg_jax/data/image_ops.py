@@ -8,7 +8,7 @@ inside `tf.data.Dataset.map`.
 - `random_rescaled_crop`: the §3.1 augmentation: S ~ U{Smin..Smax} per image (scale jittering; a
   fixed S when Smin = Smax), a crop at a uniform position, a horizontal flip with probability 1/2.
 - `random_window_on_canvas`: the same draws, but only the crop's decoded source window goes to the device
-  (on a fixed canvas), which resamples and flips it in the train step (`vgg_jax.resample`).
+  (on a fixed canvas), which resamples and flips it in the train step (`vgg_jax.training.resample`).
 
 **Rescale + crop in one step** [implementation]: the crop is computed from the window of the source
 image it covers (JPEGs decode only that window with `tf.io.decode_and_crop_jpeg`) with
@@ -224,10 +224,10 @@ def random_window_on_canvas(
     flip: bool,
     canvas: int,
 ) -> tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
-    """`random_rescaled_crop`'s crop (the same draws) left for the accelerator to resample (`vgg_jax.resample`).
+    """`random_rescaled_crop`'s crop (the same draws) left for the accelerator (`training.resample`).
 
     Returns the decoded source window on a ``canvas``×``canvas`` uint8 canvas (top-left, zeros elsewhere), the
-    float32 vector ``[sy, sx, ty, tx, height, width, flipped]`` that `vgg_jax.resample.crops_from_canvas` turns
+    float32 vector ``[sy, sx, ty, tx, height, width, flipped]`` that `vgg_jax.training.resample.crops_from_canvas` turns
     into the crop, and the draws. A window larger than the canvas is first shrunk on the host by the smallest
     integer factor r that fits (each output pixel the mean of an r×r block; the scale grows by r): close to,
     not equal to, the host path's crop (tests/test_resample.py bounds the difference).

@@ -1,6 +1,6 @@
 """Paper §3.1 preprocessing: the training set's mean RGB, the one value subtracted from every pixel.
 
-``python -m vgg_jax.data.mean_rgb --dataset=NAME [--data_dir=DIR] [--split=train] [--max_examples=N]``
+``python -m vgg_jax mean-rgb --dataset=NAME [--data_dir=DIR] [--split=train] [--max_examples=N]``
 prints it on the 0–255 scale; put it into ``config.mean_rgb``.
 
 Definition: the mean over training images of each image's mean pixel (every image weighs the same,
@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from vgg_jax import cli
 from vgg_jax.data import image_ops, sources, streams
+from vgg_jax.runtime import cli
 
 
 def compute_mean_rgb(
@@ -61,7 +61,7 @@ def _main(argv: list[str]) -> None:
     import ml_collections
     from absl import flags
 
-    from vgg_jax import process
+    from vgg_jax.runtime import process
 
     process.start_command()
     values = flags.FLAGS
@@ -73,7 +73,7 @@ def _main(argv: list[str]) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """`python -m vgg_jax.data.mean_rgb` / `vgg-jax mean-rgb`: prints the mean; a bad flag is one `error:` line."""
+    """`python -m vgg_jax mean-rgb` / `vgg-jax mean-rgb`: prints the mean; a bad flag is one `error:` line."""
     cli.run_absl(
         _main,
         define=_define_flags,

@@ -27,12 +27,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import (  # noqa: F401 (ilsvrc_loc registers its builder)
-    embedded,
-    embedded_loc,
-    embedded_photos,
-    ilsvrc_loc,
-)
+from vgg_jax.data import embedded, embedded_photos
+from vgg_jax.localisation import embedded_data as embedded_loc
 
 DEMO_HINT = "--config=configs/e.py:demo"
 EMBEDDED_DATASETS = (

@@ -5,7 +5,7 @@ Training (`create_train_iterator`): TFDS records of this process's shard
 corrupt records → decode, rescale to S and crop in one step, random flip (`image_ops`) → uint8 NHWC
 batches of `global_batch_size / process_count` with int32 labels → prefetch. With
 ``config.resample_on_device`` the host decodes only each crop's window and the train step resamples
-and flips it (`vgg_jax.resample`): the same draws, the same crops within ±1. Cast, colour shift and
+and flips it (`vgg_jax.training.resample`): the same draws, the same crops within ±1. Cast, colour shift and
 mean subtraction happen on device (`vgg_jax.preprocess`), so only uint8 crosses the host-device link.
 
 Evaluation (`create_eval_iterator`): rescale so the smaller side is Q, centre crop; the last batch is
@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax import protocols
 from vgg_jax.data import image_ops, sources
 from vgg_jax.data.sources import CorruptImageError, CorruptRecords
+from vgg_jax.evaluation import arithmetic as protocols
 
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -223,10 +223,10 @@ def _train_dataset(
 
     def augment(ex):
         key = _stateless_key(seed, process_index, ex["epoch"], ex["index"])
-        if examples is not None:  # e.g. App. A: boxes follow the crop (vgg_jax.data.boxes)
+        if examples is not None:  # e.g. App. A: boxes follow the crop (vgg_jax.localisation.boxes)
             return examples.augment(ex, key)
         draws = dict(scale_min=smin, scale_max=smax, crop=crop, flip=flip)
-        if canvas:  # the train step resamples (vgg_jax.resample)
+        if canvas:  # the train step resamples (vgg_jax.training.resample)
             image, geometry, details = image_ops.random_window_on_canvas(ex["image"], key, canvas=canvas, **draws)
             out = {"image": image, "geometry": geometry, "label": ex["label"]}
         else:
@@ -254,11 +254,11 @@ def create_train_iterator(
     Yields {'image': uint8 (local_batch, crop, crop, 3), 'label': int32 (local_batch,)} with
     local_batch = global_batch_size // process_count; with ``config.resample_on_device``, 'image' holds
     the crops' decoded source windows on (local_batch, canvas, canvas, 3) canvases and 'geometry'
-    float32 (local_batch, 7) how the train step resamples them (`vgg_jax.resample`). Batch k of a stream
+    float32 (local_batch, 7) how the train step resamples them (`vgg_jax.training.resample`). Batch k of a stream
     started at step s equals batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt`
     counts skipped records.
     `examples` (`.read`, `.augment(example, key)`, `.keys`) replaces the records and the augmentation,
-    keeping the shards, order and keys: `vgg_jax.data.boxes.BoxExamples` carries boxes (App. A).
+    keeping the shards, order and keys: `vgg_jax.localisation.boxes.BoxExamples` carries boxes (App. A).
     """
     index, count = _processes(process_index, process_count)
     shards = input_shards(config, count)
@@ -335,7 +335,7 @@ def create_eval_iterator(
     Yields `num_eval_batches(config, split)` batches of {'image': uint8 (local_eval_batch, crop, crop, 3),
     'label': int32, 'mask': bool}; padding examples (zeros, label 0) have mask False. `examples`
     (`.read`, `.centre_crop(example, q, crop, resize)`, `.padding(crop)`, `.keys`) replaces the records and
-    the crop, e.g. App. A's boxes that follow it (`vgg_jax.data.boxes`).
+    the crop, e.g. App. A's boxes that follow it (`vgg_jax.localisation.boxes`).
     """
     q = int(scale if scale is not None else config.eval_scale)
     check_eval_scale(config, q)

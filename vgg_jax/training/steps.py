@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vgg_jax import models, optim, preprocess, resample
-from vgg_jax.protocols import topk_correct
+from vgg_jax import models, preprocess
+from vgg_jax.evaluation.arithmetic import topk_correct
+from vgg_jax.training import optim, resample
 
 if TYPE_CHECKING:  # the bench's bare-GPU import path has no ml_collections
     import ml_collections
@@ -38,7 +39,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 # objective(outputs, batch) → (per-example loss (N,), per-example loss weight (N,), {'top1_correct', 'top5_correct'}
 # as (N,) floats): what the net's outputs are scored by. Classification by default; App. A localisation plugs in
-# its box loss (`vgg_jax.localise_train`).
+# its box loss (`vgg_jax.localisation.train`).
 Objective = Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
@@ -61,7 +62,7 @@ def make_train_step(
     """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update.
 
     A batch with a 'geometry' entry holds decoded source windows on canvases instead of crops
-    (``config.resample_on_device``): the step first resamples and flips them (`vgg_jax.resample`).
+    (``config.resample_on_device``): the step first resamples and flips them (`vgg_jax.training.resample`).
 
     The update uses `optim.step_learning_rate`: the config's schedule at this step times the plateau scale
     (`steps_per_epoch` places the 'step' schedule's boundaries; required for it).

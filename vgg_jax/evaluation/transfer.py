@@ -30,9 +30,9 @@ the held-out split (random, seeded), hinge loss with squared penalty
 
 Command line (prints a Table 11-style row; one process)::
 
-    python -m vgg_jax.transfer --checkpoint=runs/d --checkpoint=runs/e --dataset=voc/2007 \\
+    python -m vgg_jax transfer --checkpoint=runs/d --checkpoint=runs/e --dataset=voc/2007 \\
         --scales=256,384,512,640,768 --combine=average
-    python -m vgg_jax.transfer --checkpoint=runs/d --dataset=caltech101 --scales=256,384,512 \\
+    python -m vgg_jax transfer --checkpoint=runs/d --dataset=caltech101 --scales=256,384,512 \\
         --combine=stack --train_per_class=30 --test_per_class=50 --num_splits=3
 """
 
@@ -49,8 +49,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from vgg_jax import checkpoints, cli, models, paths, process, protocols
-from vgg_jax.runner import run_evaluation
+from vgg_jax import models
+from vgg_jax.checkpointing import checkpoints
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation.runner import run_evaluation
+from vgg_jax.runtime import cli, paths, process
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 HELD_OUT = 0.2  # paper App. B: 20 % of the training images choose the hyper-parameters
@@ -298,7 +301,7 @@ def run_transfer(
     `descriptor_options`: combine/normalize_scales/flips/step/batch_size of `descriptors`.
     """
     if jax.process_count() > 1:
-        raise ValueError("vgg_jax.transfer runs on one process (the SVM and the labels are host-side)")
+        raise ValueError("vgg_jax.evaluation.transfer runs on one process (the SVM and the labels are host-side)")
     directories = [paths.resolve(d) for d in directories]
     builder = _builder(dataset, paths.resolve(data_dir) if data_dir else None)
     multilabel, _ = _label_kind(builder)
@@ -420,7 +423,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    """`python -m vgg_jax.transfer` / `vgg-jax transfer`; `--help` lists the flags."""
+    """`python -m vgg_jax transfer` / `vgg-jax transfer`; `--help` lists the flags."""
     cli.run_absl(
         _main,
         define=_define_flags,

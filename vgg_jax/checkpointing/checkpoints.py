@@ -4,7 +4,7 @@ A run directory (a training workdir, or what `convert.py` writes) holds::
 
     config.json          the resolved config of the run (the current one)
     config_history.jsonl every start of a training run: time, step, config
-                         (`vgg_jax.resume`)
+                         (`vgg_jax.training.resume`)
     class_names.json     the data set's class names (training runs; converted
                          weights keep theirs in config.json's `class_names`)
     checkpoints/<step>/  Orbax items: 'params' (the network), 'train_state'
@@ -40,9 +40,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import checkpoint_damage, console
+from vgg_jax.checkpointing import damage as checkpoint_damage
 from vgg_jax.configs import validation
 from vgg_jax.configs.tree import set_field
+from vgg_jax.runtime import console
 
 CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "class_names.json"
@@ -86,7 +87,7 @@ def load_config(directory: str, overrides: Mapping[str, Any] | None = None) -> m
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {directory!r} is not a vgg_jax run directory "
-            "(a training workdir or the output of `python -m vgg_jax.convert`)"
+            "(a training workdir or the output of `python -m vgg_jax convert`)"
         )
     try:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -250,7 +251,7 @@ def latest_step(directory: str) -> int | None:
 
 
 def is_training_run(directory: str) -> bool:
-    """False for parameters only (what `vgg_jax.convert` writes): nothing to resume training from."""
+    """False for parameters only (what `vgg_jax.weights.convert` writes): nothing to resume training from."""
     root = epath.Path(directory) / CHECKPOINT_DIR
     return any(child.name.isdigit() and (child / "train_state").exists() for child in root.iterdir())
 

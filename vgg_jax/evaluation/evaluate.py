@@ -26,15 +26,15 @@ averaged is a soft-max posterior, never a logit — except the spatial average
 of one dense score map, which the paper takes over class scores.
 
 Where things live: the protocol arithmetic (views, canvases, posteriors, top-k,
-test scales) is `vgg_jax.protocols`; the batched, compiled device runner and
-its dense-canvas approximation are `vgg_jax.runner`. This module reads the data
+test scales) is `vgg_jax.evaluation.arithmetic`; the batched, compiled device runner and
+its dense-canvas approximation are `vgg_jax.evaluation.runner`. This module reads the data
 set, computes the metrics, restores and fuses checkpoints, prints the paper's
 table and is the command line. Its former public names (`run_evaluation`,
 `dense_canvases`, `topk_errors`, …) stay importable from here.
 
 Command line (several ``--checkpoint`` fuse the nets)::
 
-    python -m vgg_jax.evaluate --checkpoint=runs/d --checkpoint=runs/e \\
+    python -m vgg_jax evaluate --checkpoint=runs/d --checkpoint=runs/e \\
         --method=both --scales=multi --split=validation --out=results.json
 """
 
@@ -53,9 +53,18 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoints, cli, models, parallel, paths, process
-from vgg_jax.protocols import DENSE_POOLING, check_scales, fuse_posteriors, resolve_flips, resolve_scales, topk_errors
-from vgg_jax.runner import run_evaluation
+from vgg_jax import models
+from vgg_jax.checkpointing import checkpoints
+from vgg_jax.evaluation.arithmetic import (
+    DENSE_POOLING,
+    check_scales,
+    fuse_posteriors,
+    resolve_flips,
+    resolve_scales,
+    topk_errors,
+)
+from vgg_jax.evaluation.runner import run_evaluation
+from vgg_jax.runtime import cli, parallel, paths, process
 
 METHODS = ("dense", "multicrop", "both", "center_crop")
 METHOD_LABELS = {
@@ -78,7 +87,7 @@ def _split_with_limit(split: str, max_examples: int | None) -> str:
 
 
 # The data set is read through vgg_jax.data (TensorFlow), imported only where it is read: callers that
-# pass their own `examples` never load TensorFlow, and `python -m vgg_jax.evaluate` sets TF_CPP_MIN_LOG_LEVEL
+# pass their own `examples` never load TensorFlow, and `python -m vgg_jax evaluate` sets TF_CPP_MIN_LOG_LEVEL
 # before TensorFlow is first imported.
 
 
@@ -433,7 +442,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    """`python -m vgg_jax.evaluate` / `vgg-jax evaluate`; `--help` lists the flags."""
+    """`python -m vgg_jax evaluate` / `vgg-jax evaluate`; `--help` lists the flags."""
     cli.run_absl(
         _main,
         define=_define_flags,

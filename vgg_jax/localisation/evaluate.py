@@ -1,15 +1,15 @@
 """Paper App. A testing over a data set: protocol 1 (centre crop, Table 8) and protocol 2 (dense, top-5, Table 9).
 
-    python -m vgg_jax.localise_eval --checkpoint=runs/loc_pcr --protocol=both
-    python -m vgg_jax.localise_eval --checkpoint=runs/loc256 --checkpoint=runs/loc384 \\
+    python -m vgg_jax localise --checkpoint=runs/loc_pcr --protocol=both
+    python -m vgg_jax localise --checkpoint=runs/loc256 --checkpoint=runs/loc384 \\
         --classifier=runs/d256 --classifier=runs/d384 --scales=352,384 --protocol=dense   # fusion row
 
 Protocol 1 (settings comparison): each localisation net on the centre crop at Q (``config.eval_scale``
 or the first of --scales), only the box of the ground-truth class, right when IoU > 0.5 with one of
-that class's boxes — the validation of training (`vgg_jax.localise_train`), run on the mesh.
+that class's boxes — the validation of training (`vgg_jax.localisation.train`), run on the mesh.
 Protocol 2: whole images, dense at every Q of --scales (default ``config.loc.test_scales``), top-5
 classes from the classification nets (fused), boxes of all localisation nets merged
-(`vgg_jax.localise_dense`); top-1 and top-5 localisation error. Each process takes its shard of the
+(`vgg_jax.localisation.dense`); top-1 and top-5 localisation error. Each process takes its shard of the
 images; the counts are summed over processes, so every example counts once.
 """
 
@@ -23,13 +23,18 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoints, cli, inference, localise, localise_dense, localise_train, parallel, paths, progress
-from vgg_jax.data import boxes
+from vgg_jax import inference
+from vgg_jax.checkpointing import checkpoints
+from vgg_jax.localisation import arithmetic as localise
+from vgg_jax.localisation import boxes
+from vgg_jax.localisation import dense as localise_dense
+from vgg_jax.localisation import train as localise_train
+from vgg_jax.runtime import cli, parallel, paths, progress
 
 
 def protocol1(net: inference.Classifier, split: str | None = None, scale: int | None = None) -> dict[str, float]:
     """Ground-truth-class localisation error of `net` on centre crops at Q = `scale` (paper Table 8)."""
-    from vgg_jax import train  # the loop's exact, masked, multi-host validation
+    from vgg_jax.training import train
 
     config = net.config.copy_and_resolve_references()
     if scale is not None:
@@ -107,12 +112,12 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (a bad argument or an unusable run: one `error:` line, `vgg_jax.cli`)."""
+    """The CLI; returns the exit status (a bad argument or an unusable run: one `error:` line, `runtime.cli`)."""
     return cli.run(lambda: _main(argv), argv=argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = cli.ArgumentParser(prog="python -m vgg_jax.localise_eval", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m vgg_jax localise", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", action="append", required=True, help="localisation run(s); several: union")
     parser.add_argument("--classifier", action="append", default=[], help="classification run(s) (default: loc's)")
     parser.add_argument("--step", default="best", help="'best', 'latest' or a step number, for every run")

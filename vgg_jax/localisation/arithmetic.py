@@ -1,8 +1,8 @@
 """Paper App. A localisation as pure arithmetic: box parameters, training targets, the Euclidean loss,
 dense box maps, greedy merging (OverFeat) and the top-5 localisation error.
 
-Pure NumPy / jnp: no TensorFlow, no I/O. Training (`vgg_jax.localise_train`), the two test protocols
-(`vgg_jax.localise_eval`) and the notebook API (`Classifier.localise`) take their rules from here.
+Pure NumPy / jnp: no TensorFlow, no I/O. Training (`vgg_jax.localisation.train`), the two test protocols
+(`vgg_jax.localisation.evaluate`) and the notebook API (`Classifier.localise`) take their rules from here.
 
 **Boxes.** Ground truth travels as corners ``(ymin, xmin, ymax, xmax)`` (TFDS's BBox order),
 normalised by the image (or crop) they refer to. The net regresses the paper's ``(cx, cy, w, h)``.
@@ -15,7 +15,7 @@ cell's window. IoU is unchanged by a separate scaling of each axis, so it is com
 normalised frame both boxes share.
 
 **Training target [choice]**: the ground-truth box of the image's class (all boxes of ILSVRC are),
-transformed with the crop (`vgg_jax.data.boxes`) and not clipped to it — the net learns the whole
+transformed with the crop (`vgg_jax.localisation.boxes`) and not clipped to it — the net learns the whole
 object's extent from the part it sees, which is what the error is measured against; of several,
 the one with the largest area inside the crop. A crop that shows no box gets weight 0. **Loss**: Caffe's
 EuclideanLoss, ½‖p − t‖² over the four parameters, averaged over the crops with a target; for PCR

@@ -4,7 +4,7 @@ Keras ``.h5`` / ``.weights.h5`` (h5py), torchvision state dicts
 (``torch.load(weights_only=True)``), timm / torchvision ``.safetensors``
 (``safetensors.numpy``, no torch); each is mapped to Caffe's layer names,
 NHWC layouts and fc6 row order, and checked against the variant's structure
-(Table 1). `vgg_jax.convert` documents the conventions and writes run
+(Table 1). `vgg_jax.weights.convert` documents the conventions and writes run
 directories from what these return.
 """
 

@@ -1,9 +1,9 @@
 """Paper §3.2 testing on device: batches of dense canvases and multi-crop views, compiled once per shape.
 
 `run_evaluation` turns a stream of rescaled images into per-example soft-max
-posteriors for the methods of `vgg_jax.evaluate` (dense, multi-crop, centre
+posteriors for the methods of `vgg_jax.evaluation.evaluate` (dense, multi-crop, centre
 crop), averaged over the test scales; the protocol arithmetic (views,
-canvases, flips, posteriors) is `vgg_jax.protocols`.
+canvases, flips, posteriors) is `vgg_jax.evaluation.arithmetic`.
 
 Bounded compilation in dense evaluation, computed exactly: the rescaled image
 (smaller side Q, other side L) is placed in the top-left corner of the smallest
@@ -46,8 +46,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import models, parallel, preprocess, protocols
-from vgg_jax.progress import Progress, format_eta
+from vgg_jax import models, preprocess
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.runtime import parallel
+from vgg_jax.runtime.progress import Progress, format_eta
 
 Key = tuple[str, int, tuple[int, int]]  # (method, Q, shape): one compiled input shape, one queue
 CANVAS_METHODS = ("dense", "descriptor")  # whole images on canvases; the others are crops

@@ -51,10 +51,10 @@ naming the layer and both shapes, raised before anything is written.
 
 Usage::
 
-    python -m vgg_jax.convert --source=keras --weights=vgg16.weights.h5 --variant=D --out=runs/keras_vgg16
-    python -m vgg_jax.convert --source=torchvision --weights=vgg19.pth --variant=E --out=runs/tv_vgg19 \\
+    python -m vgg_jax convert --source=keras --weights=vgg16.weights.h5 --variant=D --out=runs/keras_vgg16
+    python -m vgg_jax convert --source=torchvision --weights=vgg19.pth --variant=E --out=runs/tv_vgg19 \\
         --class_names=imagenet_classes.txt
-    python -m vgg_jax.convert --source=timm --weights=model.safetensors --variant=D --out=runs/timm_vgg16
+    python -m vgg_jax convert --source=timm --weights=model.safetensors --variant=D --out=runs/timm_vgg16
 
 `vgg_jax.pretrained` downloads, checks and converts the published files itself.
 """
@@ -70,10 +70,11 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from vgg_jax import checkpoints, cli, paths
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common as configs_common
 from vgg_jax.preprocess import CAFFE_MEAN_RGB
-from vgg_jax.weight_formats import (
+from vgg_jax.runtime import cli, paths
+from vgg_jax.weights.formats import (
     TORCHVISION_MEAN,
     TORCHVISION_STD,
     ConversionError,
@@ -215,7 +216,7 @@ def _define_flags() -> None:
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from vgg_jax import process
+    from vgg_jax.runtime import process
 
     process.start_command(tensorflow=False)
     values = flags.FLAGS
@@ -229,7 +230,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """`python -m vgg_jax.convert` / `vgg-jax convert`: a bad flag or an unconvertible file is one `error:` line."""
+    """`vgg-jax convert` (`python -m vgg_jax convert`): a bad flag or an unconvertible file is one `error:` line."""
     cli.run_absl(
         _main,
         define=_define_flags,

@@ -4,7 +4,7 @@ A disk that fills, a node that dies mid-copy, an rsync that stops: the newest
 step is the one most likely to be damaged (a data file inside it cut short or
 missing), while the older ones beside it are intact. `first_restorable` tries
 the candidate steps in order and returns the first that restores completely
-(on every process of a multi-host run, `vgg_jax.parallel.agree`); a resume
+(on every process of a multi-host run, `vgg_jax.runtime.parallel.agree`); a resume
 then moves the damaged newer steps to ``<run>/damaged_checkpoints/`` with a
 log line naming each and the step resumed from (`set_aside`: renamed, never
 deleted). When none restores, `CheckpointError` lists every step tried and
@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import parallel
+from vgg_jax.runtime import parallel
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: what a resume could not restore
 

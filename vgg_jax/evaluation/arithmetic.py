@@ -1,7 +1,7 @@
 """Paper §3.2 testing and §4 (Tables 3–6) as pure arithmetic: views, canvases, posteriors, top-k, test scales.
 
-Pure NumPy / jnp: no TensorFlow, no I/O. The batched runner (`vgg_jax.runner`),
-the report and command line (`vgg_jax.evaluate`), the training loop's top-k and
+Pure NumPy / jnp: no TensorFlow, no I/O. The batched runner (`vgg_jax.evaluation.runner`),
+the report and command line (`vgg_jax.evaluation.evaluate`), the training loop's top-k and
 the notebook API (`vgg_jax.inference`) all take their protocol from here, so
 each rule has one definition:
 

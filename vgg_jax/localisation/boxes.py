@@ -11,7 +11,7 @@ image are kept, padded, with a mask.
 **Boxes follow the image exactly**: the isotropic rescale to S maps a normalised coordinate y to
 y·H' pixels (H' the rescaled height, as `image_ops` computes it), the crop subtracts its offset and
 divides by the crop side, the flip maps x to 1 − x. The result is relative to the crop and is not
-clipped (a box may extend past it; `vgg_jax.localise.training_target` clips). tests/test_localise_data
+clipped (a box may extend past it; `vgg_jax.localisation.arithmetic.training_target` clips). tests/test_localise_data
 paints a box into an image, augments image and box together and checks the painted region's box.
 
 Streams (same shards, order, determinism and resume as `vgg_jax.data.streams`, whose loop they plug

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from vgg_jax import console
+from vgg_jax.runtime import console
 
 USAGE_STATUS = 2
 FAILURE_STATUS = 1

@@ -6,10 +6,10 @@ boxes for the crop_size window it sees — and every classification net, whose p
 each cell's class scores. The top-k classes are those of the classification nets' dense posteriors
 (§3.2, averaged over nets: fusion). For each such class the boxes of every cell, mirror, scale and
 localisation net (their union) are merged greedily, ranked by the cells' class scores
-(`vgg_jax.localise.class_boxes`), and the best group's box, clipped to the image, is the answer.
+(`vgg_jax.localisation.arithmetic.class_boxes`), and the best group's box, clipped to the image, is the answer.
 
 The localisation and classification nets must share the crop size, so that cell (i, j) of both
-maps sees the same window. `Classifier.localise` (the notebook API) and `vgg_jax.localise_eval`
+maps sees the same window. `Classifier.localise` (the notebook API) and `vgg_jax.localisation.evaluate`
 (the table) both call `localise_images`.
 """
 
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import localise, protocols
+from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.localisation import arithmetic as localise
 
 
 @dataclasses.dataclass(frozen=True)

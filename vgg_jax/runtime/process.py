@@ -1,7 +1,7 @@
 """What a command does to its process before any work, and what a library user gets with one call.
 
 Importing vgg_jax changes nothing in the process. `prepare` applies the
-measured XLA:CPU flags (`vgg_jax.cpu_defaults`; before JAX starts a backend)
+measured XLA:CPU flags (`vgg_jax.runtime.cpu_defaults`; before JAX starts a backend)
 and keeps TensorFlow — tf.data's host-side engine — off the GPUs, whose memory
 JAX needs, and quiet. Every command calls it first; in a notebook call
 ``vgg_jax.prepare_process()`` before the first JAX computation.
@@ -28,7 +28,7 @@ def prepare(*, tensorflow: bool = True) -> tuple[str, ...]:
 
     Returns the XLA flags it added. Flags the user set in XLA_FLAGS win.
     """
-    from vgg_jax import console, cpu_defaults
+    from vgg_jax.runtime import console, cpu_defaults
 
     applied = cpu_defaults.apply()
     if tensorflow and importlib.util.find_spec("tensorflow") is not None:
@@ -42,7 +42,7 @@ def start_command(*, tensorflow: bool = True) -> None:
     """What every command does first: `prepare`, then library chatter off unless asked for (`console.quiet`)."""
     from absl import flags
 
-    from vgg_jax import console
+    from vgg_jax.runtime import console
 
     prepare(tensorflow=tensorflow)
     if not console.verbose_requested(flags.FLAGS["verbosity"].present > 0):

@@ -6,7 +6,7 @@ a run holds ``<workdir>/run.lock`` — JSON: host, pid, the process's start time
 job id, start and heartbeat times, command — from before it reads the workdir
 until it ends, normally, by an exception, or after SIGTERM's checkpoint. The
 other processes of a multi-host job take no lock of their own: they are the
-same run and follow process 0's verdict (`vgg_jax.parallel.agree`), so on a
+same run and follow process 0's verdict (`vgg_jax.runtime.parallel.agree`), so on a
 pod only the job's own processes use the workdir.
 
 A lock left behind by a run that died (SIGKILL, a lost host) is taken over,

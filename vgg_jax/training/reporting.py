@@ -18,8 +18,9 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from vgg_jax import jsonl, progress
+from vgg_jax.checkpointing import jsonl
 from vgg_jax.configs.tree import flatten
+from vgg_jax.runtime import progress
 
 
 class Reporter:

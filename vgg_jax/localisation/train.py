@@ -1,13 +1,13 @@
-"""Paper App. A training: the localisation net through the classification loop of `vgg_jax.train`.
+"""Paper App. A training: the localisation net through the classification loop of `vgg_jax.training.train`.
 
-`vgg_jax.train.task_for` picks this module for a config whose ``model.box_head`` is 'scr' or 'pcr'
+`vgg_jax.training.train.task_for` picks this module for a config whose ``model.box_head`` is 'scr' or 'pcr'
 (`vgg_jax/configs/loc.py`); the loop, checkpoints, multi-host sharding, logging and resume are the
 classification ones. What differs, as in the paper:
 
 * the last layer ``fc8_box`` regresses boxes; the loss is Euclidean on (cx, cy, w, h)
-  (`vgg_jax.localise`: targets relative to the crop, ½‖p − t‖², only the ground-truth class's
+  (`vgg_jax.localisation.arithmetic`: targets relative to the crop, ½‖p − t‖², only the ground-truth class's
   box for PCR);
-* the batches carry boxes that followed the crop, rescale and flip (`vgg_jax.data.boxes`);
+* the batches carry boxes that followed the crop, rescale and flip (`vgg_jax.localisation.boxes`);
 * the net starts from the classifier trained at the same S (``warm_start``: every layer but the
   new, random last one; lr 1e-3), and ``loc.finetune='fc6-fc7'`` trains only fc6, fc7 and fc8_box
   (OverFeat's way; the convolutional layers keep the classifier's weights, weight decay included).
@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vgg_jax import localise, models, steps
-from vgg_jax.data import boxes
+from vgg_jax import models
+from vgg_jax.localisation import arithmetic as localise
+from vgg_jax.localisation import boxes
+from vgg_jax.training import steps
 
 create_train_iterator = boxes.create_train_iterator
 create_eval_iterator = boxes.create_eval_iterator

@@ -5,7 +5,7 @@ start from `config.warm_start.checkpoint` (layers by name), else seeded
 random init. Randomness is keyed on the step (`fold_in(root, step)`) and the
 input stream restarts at the resumed step, so an interrupted run ends with the
 same parameters as an uninterrupted one. Process 0 holds the workdir's lock
-(`vgg_jax.run_lock`) for the whole run, so a second start on it is refused.
+(`vgg_jax.checkpointing.run_lock`) for the whole run, so a second start on it is refused.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import checkpoints, console, guard, models, optim, parallel, paths, reporting, resume, run_lock, steps
-from vgg_jax import evaluate as evaluation
+from vgg_jax import models
+from vgg_jax.checkpointing import checkpoints, run_lock
 from vgg_jax.configs import specs, validation
 from vgg_jax.data import sources, streams
+from vgg_jax.evaluation import evaluate as evaluation
+from vgg_jax.runtime import console, parallel, paths
+from vgg_jax.training import guard, optim, reporting, resume, steps
 
 # ---------------------------------------------------------------------------
 # Set-up.
@@ -69,7 +72,7 @@ def _check_writable(workdir: str) -> None:
 
 
 def _lock_workdir(workdir: str) -> run_lock.Lock | None:
-    """Process 0 takes the workdir's lock (`vgg_jax.run_lock`); every process learns whether it could."""
+    """Process 0 takes the workdir's lock (`vgg_jax.checkpointing.run_lock`); every process learns whether it could."""
     lock, refused = None, None
     if jax.process_index() == 0:
         try:
@@ -126,9 +129,9 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
 
 def task_for(config: ml_collections.ConfigDict) -> Any:
     """What the net's outputs are scored by and what the streams carry (the same four names either way):
-    classification (§3.1), or App. A localisation for a config with a box head (`vgg_jax.localise_train`)."""
+    classification (§3.1), or App. A localisation for a config with a box head (`vgg_jax.localisation.train`)."""
     if config.model.get("box_head", "none") != "none":
-        from vgg_jax import localise_train  # only localisation runs need its box streams
+        from vgg_jax.localisation import train as localise_train
 
         return localise_train
     return types.SimpleNamespace(  # looked up per call, so a test may substitute a step

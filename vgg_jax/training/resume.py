@@ -24,7 +24,7 @@ run never needs the data set), and cuts ``metrics.jsonl`` back to the resumed
 step (rows written after the last checkpoint by a process that then died).
 Both .jsonl files survive a torn last line (a kill mid-append): it is removed
 on resume with a log line; damage elsewhere stops the start, naming the file
-and line (`vgg_jax.jsonl`).
+and line (`vgg_jax.checkpointing.jsonl`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from vgg_jax import checkpoints, jsonl
+from vgg_jax.checkpointing import checkpoints, jsonl
 from vgg_jax.configs.fields import BY_PATH
 from vgg_jax.configs.tree import flatten
 
@@ -117,7 +117,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, shards: int) -> list[
         return None
     if not checkpoints.is_training_run(workdir):
         raise ValueError(
-            f"--workdir={workdir} holds imported weights (written by `python -m vgg_jax.convert`: parameters only, "
+            f"--workdir={workdir} holds imported weights (written by `vgg-jax convert`: parameters only, "
             "no optimiser state), not a training run to resume. Train in a new workdir starting from them: "
             f"--workdir=NEW_RUN --config.warm_start.checkpoint={workdir} --config.warm_start.layers=all"
         )
