@@ -420,7 +420,7 @@ def parameter_count(variant: str, num_classes: int = 1000, crop_size: int = 224,
 
 
 def main() -> None:
-    """Prints the Markdown table of parameter counts used in the README."""
+    """Prints the Markdown table of parameter counts in docs/models.md."""
     print("| config | weight layers | parameters |")
     print("|---|---|---|")
     for variant in VARIANTS:
