@@ -66,9 +66,13 @@ def quiet() -> None:
 
 
 def setup_command() -> None:
-    """What each absl command line does first: library chatter off unless asked for, TensorFlow imported quietly."""
+    """What each absl command line does first: its dependencies checked (one line naming the extra when one is
+    missing), library chatter off unless asked for, TensorFlow imported quietly."""
     from absl import flags
 
+    from vgg_jax import extras
+
+    extras.exit_unless_training(extras.command_name())
     import_tensorflow_quietly()  # first: quiet() imports TFDS, which may import TensorFlow
     if not verbose_requested(flags.FLAGS["verbosity"].present > 0):
         quiet()

@@ -21,7 +21,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import checkpoints, guard, models, optim, parallel, paths, reporting, resume, steps
+from vgg_jax import (
+    checkpoints,
+    devices,
+    guard,
+    models,
+    optim,
+    parallel,
+    paths,
+    reporting,
+    resume,
+    steps,
+    warm_start,
+)
 from vgg_jax import evaluate as evaluation
 from vgg_jax.configs import validation
 from vgg_jax.data import sources, streams
@@ -87,9 +99,12 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
                 "all layers" if layers == "all" else ", ".join(layers),
             )
         return state
-    source_params, source_config, step = checkpoints.restore_params(source, config.warm_start.step)
-    logging.info("warm start from %s (VGG-%s, step %d)", source, source_config.model.variant, step)
-    params, _ = checkpoints.warm_start(state.params, source_params, "all" if layers == "all" else list(layers))
+    source_params, source_config, step, directory = warm_start.restore(source, config.warm_start.step)
+    logging.info("warm start from %s (VGG-%s, step %d)", directory, source_config.model.variant, step)
+    warm_start.check_mean_rgb(config, source_config)
+    params, _ = checkpoints.warm_start(
+        state.params, source_params, warm_start.layers_to_copy(state.params, source_params, layers)
+    )
     return state.replace(params=params, opt_state=tx.init(params))
 
 
@@ -277,15 +292,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     start_step = int(jax.device_get(state.step))
     resume.record_start(workdir, config, step=start_step, shards=shards, changes=changes, class_names=class_names)
     logging.info(
-        "VGG-%s on %s: %d steps (%d per epoch), global batch %d on %d devices / %d processes",
+        "VGG-%s on %s: %d steps (%d per epoch), global batch %d on %s / %d processes",
         config.model.variant,
         config.dataset,
         total_steps,
         steps_per_epoch,
         config.global_batch_size,
-        mesh.devices.size,
+        devices.describe(mesh.devices.flat),
         jax.process_count(),
     )
+    devices.warn_if_gpu_unused(jax.default_backend())
 
     root_key = jax.random.key(config.seed)
     train_iter: Iterator[dict[str, np.ndarray]] = task.create_train_iterator(config, start_step=start_step)
@@ -328,6 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
         manager.wait_until_finished()
         manager.close()
         reporter.close()
+    if step >= total_steps:
+        reporter.summary()
     return state
 
 

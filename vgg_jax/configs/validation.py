@@ -110,6 +110,7 @@ GROUPS: dict[str, bool] = {
     "distributed": True,
     "spike_guard": True,
     "loc": True,
+    "finetune": True,  # per-layer rates (vgg_jax/configs/finetune.py, vgg_jax.optim)
 }
 
 # Every field of configs/common.py, and the optional fields some configs carry. Keep in step with common.py:
@@ -169,6 +170,13 @@ FIELDS: dict[str, Spec] = {
         "'all', or layer names (conv1_1 … conv5_4, fc6, fc7, fc8) as a tuple/list or a comma-separated string "
         "('' or () for none)",
     ),
+    # Fine-tuning (configs/finetune.py): which layers train, at which share of the rate (vgg_jax.optim).
+    "finetune.freeze_through": custom(
+        lambda v: v == "" or (isinstance(v, str) and bool(_LAYER_NAME.fullmatch(v))),
+        "'' (every layer trains) or the last frozen layer's name (conv1_1 … fc7)",
+    ),
+    "finetune.body_lr_multiplier": number(0),
+    "finetune.head_layers": custom(_layers, "layer names (e.g. ('fc8',)) as a tuple/list or a comma-separated string"),
     # Loop, logging, checkpoints.
     "log_every_steps": integer(1),
     "log_layer_stats": boolean(optional=True),
@@ -292,7 +300,10 @@ def _class_names_match(class_names: Sequence[str] | None, num_classes: int) -> s
 def _dataset_named(dataset: str, preprocessing: Any) -> str | None:
     # Converted weights (config.preprocessing present) may come from an unknown data set; training needs one.
     if not dataset.strip() and preprocessing is _MISSING:
-        return "config.dataset='': expected a TFDS data set name (e.g. 'imagenet2012', 'stl10')"
+        return (
+            "config.dataset='': expected a TFDS data set name (e.g. 'imagenet2012', 'stl10') or a folder of images "
+            "('folder:PATH', PATH/<class>/<image>)"
+        )
     return None
 
 

@@ -16,6 +16,10 @@ The on-device half (cast, colour shift, mean subtraction) is TensorFlow-free, in
 
 from __future__ import annotations
 
+from vgg_jax import extras
+
+extras.require_training("vgg_jax.data (training and evaluation data: tf.data, TFDS)")
+
 
 def hide_gpus_from_tensorflow() -> None:
     """Keeps TensorFlow off every GPU: tf.data runs on the host, and JAX needs the accelerator's memory."""
