@@ -4,6 +4,7 @@ published Keras layout standing in for the download (through vgg_jax.pretrained'
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -152,7 +153,7 @@ def test_readme_finetune_command_trains_and_evaluates_on_a_folder(published_vgg1
         assert moved == (layer not in models.conv_layer_names("D")[:7]), layer  # conv1_1 … conv3_3 frozen
     summary = [line.split("] ", 1)[1] for line in run.stderr.splitlines() if "] summary: " in line]
     assert len(summary) == 3 and re.search(r"top-1 err [\d.]+ .* at the final step 6; best [\d.]+", summary[0])
-    assert summary[1] == f"summary: checkpoints in {workdir / 'checkpoints'}"
+    assert re.fullmatch(rf"summary: checkpoints in {workdir / 'checkpoints'} \(steps? 6, the final.*", summary[1])
     evaluate = re.search(r"`(python -m vgg_jax\.evaluate [^`]+)`", summary[2]).group(1)
     assert evaluate in _readme_commands() or evaluate == f"python -m vgg_jax.evaluate --checkpoint={workdir}"
     again = subprocess.run(  # as validation measured it: centre crops at Q, no flips
@@ -169,3 +170,20 @@ def test_readme_finetune_command_trains_and_evaluates_on_a_folder(published_vgg1
     table_row = next(line for line in again.stdout.splitlines() if line.startswith("| ") and "centre crop" in line)
     top1 = float([cell.strip() for cell in table_row.split("|")][5])
     assert top1 == pytest.approx(100 * last["top1_error"], abs=0.051)  # the same net, images and error
+
+
+def test_finetune_benchmark_reads_its_runs(tmp_path):
+    """bench/finetune.py's arithmetic on runs it did not make: the last evaluation, the table."""
+    spec = importlib.util.spec_from_file_location("bench_finetune", REPO / "bench" / "finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"step": 30, "split": "test", "top1_error": 0.5}, {"step": 60, "split": "train", "top1_error": 0.1}]
+    rows.append({"step": 60, "split": "test", "top1_error": 0.25})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert bench.final_error(tmp_path) == {"final": 0.25, "step": 60, "curve": [0.5, 0.25]}
+    assert bench.final_error(tmp_path / "missing")["step"] == 0
+    table = bench.table({"fine-tune": [{"final": 0.25, "step": 60}, {"final": 0.5, "step": 60}]})
+    assert table.splitlines()[-1] == "| fine-tune | 60 | 25.0 % / 50.0 % | 37.5 % |"
+    arms = bench.arms(tmp_path / "folder", tmp_path / "source")
+    assert all(any(a.startswith("--config=configs/") for a in arguments) for arguments in arms.values())
+    assert f"--config.warm_start.checkpoint={tmp_path / 'source'}" in arms["fine-tune"]

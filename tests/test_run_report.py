@@ -49,6 +49,12 @@ def test_summary_reads_every_evaluation(tmp_path):
     assert lines[0] == (
         "summary: test top-1 err 0.2500 (top-5 0.0600) at the final step 40; best 0.2000 (top-5 0.0400) at step 30"
     )
-    assert lines[1] == f"summary: checkpoints in {tmp_path / 'checkpoints'}"
+    assert (
+        lines[1]
+        == f"summary: checkpoints in {tmp_path / 'checkpoints'} (steps 40, the final, and 30, the best, among them)"
+    )
     assert lines[2].startswith(f"summary: next, `python -m vgg_jax.evaluate --checkpoint={tmp_path}` evaluates")
     assert reporting.summary_lines(str(tmp_path / "nothing"), "test")[0].startswith("summary: checkpoints in")
+    rows.append({"step": 50, "split": "test", "top1_error": 0.1, "top5_error": 0.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert reporting.summary_lines(str(tmp_path), "test")[1].endswith("(step 50, the final and best)")

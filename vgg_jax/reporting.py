@@ -115,7 +115,7 @@ def summary_lines(workdir: str, split: str) -> list[str]:
     path = epath.Path(workdir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     evaluations = [row for row in rows if row.get("split") == split]
-    lines = []
+    lines, where = [], f"summary: checkpoints in {epath.Path(workdir) / 'checkpoints'}"
     if evaluations:
         final = evaluations[-1]
         best = min(evaluations, key=lambda row: (row["top1_error"], -row["step"]))
@@ -124,7 +124,13 @@ def summary_lines(workdir: str, split: str) -> list[str]:
             f"step {final['step']}; best {best['top1_error']:.4f} (top-5 {best['top5_error']:.4f}) at step "
             f"{best['step']}"
         )
-    lines.append(f"summary: checkpoints in {epath.Path(workdir) / 'checkpoints'}")
+        same = final["step"] == best["step"]
+        where += (
+            f" (step {final['step']}, the final and best)"
+            if same
+            else (f" (steps {final['step']}, the final, and {best['step']}, the best, among them)")
+        )
+    lines.append(where)
     lines.append(
         f"summary: next, `python -m vgg_jax.evaluate --checkpoint={workdir}` evaluates the final net densely "
         "(paper §3.2; --step=best for the best, --method=both --scales=multi for Table 5's columns)"

@@ -21,19 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import (
-    checkpoints,
-    devices,
-    guard,
-    models,
-    optim,
-    parallel,
-    paths,
-    reporting,
-    resume,
-    steps,
-    warm_start,
-)
+from vgg_jax import checkpoints, devices, guard, models, optim, parallel, paths, reporting, resume, steps, warm_start
 from vgg_jax import evaluate as evaluation
 from vgg_jax.configs import validation
 from vgg_jax.data import sources, streams
