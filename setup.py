@@ -42,7 +42,7 @@ setup(
         "test": [
             *TRAIN,
             *EXAMPLES,
-            "pytest>=8",
+            "pytest>=8,<9.2",  # 9.2 stores node ids where pytest-xdist 3.8 cannot tag groups: xdist_group splits
             "pytest-xdist>=3.5",
             "ruff>=0.6",
             "keras>=3.5",

@@ -1,7 +1,7 @@
 """Does fine-tuning from a trained run beat training from scratch on the same small folder of photos? (issue 22)
 
     python bench/finetune.py                       # the source run once, then 3 seeds of each arm
-    python bench/finetune.py --seeds=0 --root=/tmp/vgg_finetune --reuse
+    python bench/finetune.py --seeds=0 --arms=fine-tune,scratch --root=/tmp/vgg_finetune --reuse
 
 The source is the shipped photo demo, ``configs/e.py:demo,dataset=sample_photos`` (10 classes of patches of
 ten photographs, 930 steps). The target is a folder a user might have: crops of 8 *other* photographs that
@@ -79,8 +79,9 @@ def train(arguments: list[str], workdir: pathlib.Path, reuse: bool) -> dict[str,
 
 def final_error(workdir: pathlib.Path) -> dict[str, Any]:
     """The last evaluation's test top-1 error and step, and the curve of all of them."""
-    path = workdir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from vgg_jax import jsonl
+
+    rows = jsonl.read(workdir / "metrics.jsonl")
     evaluations = [row for row in rows if row.get("split") not in (None, "train")]
     if not evaluations:
         return {"final": float("nan"), "step": 0, "curve": []}
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/vgg_finetune", help="the folder, the source and every run")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--arms", default="", help="comma-separated arm names (default: every arm)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of --root (bench_result.json)")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.root)
@@ -116,7 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     made = train(["--config=configs/e.py:demo,dataset=sample_photos"], source, args.reuse)
     print(f"  source: sample_photos test top-1 error {100 * made['final']:.1f} % at step {made['step']}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {}
-    for arm, arguments in arms(folder, source).items():
+    chosen = arms(folder, source)
+    unknown = [arm for arm in args.arms.split(",") if arm and arm not in chosen]
+    if unknown:
+        parser.error(f"--arms: {unknown} not among {list(chosen)}")
+    for arm, arguments in chosen.items():
+        if args.arms and arm not in args.arms.split(","):
+            continue
         for seed in (int(s) for s in args.seeds.split(",")):
             workdir = root / f"{arm.replace(', ', '_').replace(' ', '_')}_s{seed}"
             run = train([*arguments, f"--config.seed={seed}"], workdir, args.reuse)

@@ -2,7 +2,7 @@
 
 The README's front page links each page; pages hold the manual (training at paper scale, evaluation,
 localisation, transfer, several hosts, failures, pretrained weights, the module map). A page's Python
-blocks run here (those needing the trained demo run, in the `readme_demo` fixture's checkout) or in the
+blocks run here (those needing the trained demo run, in the `short_demo` fixture's checkout) or in the
 test named by `RUNNERS` (those needing downloads, against a local server there).
 """
 
@@ -55,9 +55,8 @@ def test_front_page_is_short():
     assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 150
 
 
-@pytest.mark.slow
 @pytest.mark.xdist_group("demo")
-def test_inference_page_runs(readme_demo, tmp_path):
+def test_inference_page_runs(short_demo, tmp_path):
     blocks = code_blocks(DOCS / "inference.md", "python")
     assert blocks
     checks = """
@@ -69,7 +68,7 @@ print("docs/inference.md ran")
     script.write_text(PREAMBLE + "\n".join(blocks) + checks)
     # From the root of the copy the README's command trained in: `runs/demo` is relative to it, as for a user.
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=readme_demo.root, capture_output=True, text=True, timeout=900
+        [sys.executable, str(script)], cwd=short_demo.root, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "docs/inference.md ran" in result.stdout

@@ -15,17 +15,15 @@ images; the counts are summed over processes, so every example counts once.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import inference, localise, localise_dense, localise_train, parallel, paths, progress
+from vgg_jax import checkpoints, cli, inference, localise, localise_dense, localise_train, parallel, paths, progress
 from vgg_jax.data import boxes
 
 
@@ -109,7 +107,12 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.localise_eval", description=__doc__.splitlines()[0])
+    """The CLI; returns the exit status (a bad argument or an unusable run: one `error:` line, `vgg_jax.cli`)."""
+    return cli.run(lambda: _main(argv), argv=argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = cli.ArgumentParser(prog="python -m vgg_jax.localise_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", action="append", required=True, help="localisation run(s); several: union")
     parser.add_argument("--classifier", action="append", default=[], help="classification run(s) (default: loc's)")
     parser.add_argument("--step", default="best", help="'best', 'latest' or a step number, for every run")
@@ -118,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="default: config.eval_split")
     parser.add_argument("--max_examples", type=int, default=0, help="protocol 2 on the first N images (0: all)")
     args = parser.parse_args(argv)
+    step = cli.argument("--step", checkpoints.parse_step, args.step)
+    scales = cli.argument("--scales", cli.integers, args.scales) or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parallel.initialize(None)
-    step: Any = int(args.step) if args.step.isdigit() else args.step
     try:
         localisers = [inference.load(paths.resolve(run), step=step) for run in args.checkpoint]
         classifiers = [inference.load(paths.resolve(run), step=step) for run in args.classifier]
         classifiers = classifiers or localisers[0]._default_classifiers()
-        scales = [int(q) for q in args.scales.split(",") if q.strip()] or None
         lines = report(
             localisers,
             classifiers,

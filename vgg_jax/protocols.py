@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+
+if TYPE_CHECKING:  # the bench's bare-GPU import path has no ml_collections
+    import ml_collections
 
 GRID = 5  # paper §3.2: 5×5 crops per scale (× 2 flips = 50)
 
@@ -189,7 +191,7 @@ def place_on_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndar
 
 def pooled_size(size: Any, pools: int, ceil: bool = True) -> Any:
     """A side after `pools` 2×2/2 max-pools: ⌈size/2^pools⌉ in ceil mode (dense evaluation,
-    `models.ceil_mode_pad`), else ⌊size/2^pools⌋."""
+    `layers.ceil_mode_pad`), else ⌊size/2^pools⌋."""
     return -(-size // 2**pools) if ceil else size // 2**pools
 
 

@@ -13,7 +13,6 @@ command that evaluates the final network as the paper does (§3.2).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import jax
@@ -21,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vgg_jax import console, extras, progress
+from vgg_jax import console, extras, jsonl, progress
 
 extras.require_training("vgg_jax.reporting (training logs: clu, TensorBoard)")
 from clu import metric_writers  # noqa: E402 (after the check that names the extra)
@@ -93,8 +92,7 @@ class Reporter:
     def _append(self, step: int, split: str, values: dict[str, float]) -> None:
         if self.is_chief:
             record = {"step": step, "epoch": step / self.steps_per_epoch, "split": split, **values}
-            with (epath.Path(self.workdir) / "metrics.jsonl").open("a") as stream:
-                stream.write(json.dumps(record) + "\n")
+            jsonl.append(epath.Path(self.workdir) / "metrics.jsonl", record)
 
     def summary(self) -> None:
         """Logs `summary_lines` (process 0: it holds metrics.jsonl)."""
@@ -112,8 +110,7 @@ def summary_lines(workdir: str, split: str) -> list[str]:
 
     The best step is the one `vgg_jax.checkpoints` keeps as 'best': the lowest top-1 error, the latest on ties.
     """
-    path = epath.Path(workdir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = jsonl.read(epath.Path(workdir) / "metrics.jsonl")
     evaluations = [row for row in rows if row.get("split") == split]
     lines, where = [], f"summary: checkpoints in {epath.Path(workdir) / 'checkpoints'}"
     if evaluations:
