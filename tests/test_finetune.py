@@ -71,6 +71,11 @@ def test_frozen_layers_stay_and_the_others_move_at_their_share_of_the_rate():
     # The rate lives where the train step sets it, as for the paper's optimiser.
     assert float(optim.current_learning_rate(tuned_state)) == pytest.approx(1e-2)
     assert float(optim.current_learning_rate(optim.with_learning_rate(tuned_state, 0.5))) == 0.5
+    # The train step's ‖update‖: from the momentum for the paper's optimiser, from the updates here.
+    np.testing.assert_allclose(optim.update_norm(plain_state), optim.global_norm(theirs), rtol=1e-6)
+    assert optim.update_norm(tuned_state) is None
+    stats = optim.update_statistics(grads, ours, params, update_size=optim.update_norm(tuned_state))
+    np.testing.assert_allclose(stats["update_ratio"], optim.global_norm(ours) / optim.global_norm(params), rtol=1e-6)
 
 
 def test_a_head_of_another_class_count_starts_fresh_and_says_so(caplog):

@@ -216,12 +216,15 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def update_norm(opt_state: Any) -> jax.Array:
+def update_norm(opt_state: Any) -> jax.Array | None:
     """‖update‖ of the step that produced `opt_state`, from its momentum: SGD's update is −rate × trace.
 
     Cheaper than the norm of the updates themselves: XLA then fuses the update into the parameters'
-    write instead of storing it for a second read (bench/RESULTS.md, "The step's own work").
+    write instead of storing it for a second read (bench/RESULTS.md, "The step's own work"). None for
+    the fine-tuning optimiser (per-layer rates, frozen layers): the caller takes the updates' norm.
     """
+    if isinstance(opt_state.inner_state, optax.MultiTransformState):
+        return None
     trace = opt_state.inner_state[1][0].trace
     return current_learning_rate(opt_state) * global_norm(trace)
 
