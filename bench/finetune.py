@@ -106,22 +106,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of --root (bench_result.json)")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.root)
+    folder, source = root / "folder", root / "source"
+    chosen = arms(folder, source)
+    unknown = [arm for arm in args.arms.split(",") if arm and arm not in chosen]
+    if unknown:  # before any work
+        parser.error(f"--arms: {unknown} not among {list(chosen)}")
     sys.path.insert(0, str(REPO))
     from vgg_jax.data import embedded_photos
 
-    folder = root / "folder"
     if not folder.exists():
         embedded_photos.write_folder(str(folder), TARGET, PER_CLASS, max_side=96)
     started = time.time()
     print(f"load average {os.getloadavg()[0]:.2f}; the source run (photo demo) first", flush=True)
-    source = root / "source"
     made = train(["--config=configs/e.py:demo,dataset=sample_photos"], source, args.reuse)
     print(f"  source: sample_photos test top-1 error {100 * made['final']:.1f} % at step {made['step']}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {}
-    chosen = arms(folder, source)
-    unknown = [arm for arm in args.arms.split(",") if arm and arm not in chosen]
-    if unknown:
-        parser.error(f"--arms: {unknown} not among {list(chosen)}")
     for arm, arguments in chosen.items():
         if args.arms and arm not in args.arms.split(","):
             continue
