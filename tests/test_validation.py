@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from vgg_jax.configs import common, fields, specs, validation
+from vgg_jax.configs import common, fields, finetune, specs, validation
 from vgg_jax.configs.tree import set_field
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -88,12 +88,24 @@ BAD = {
     "model.include_top": ["yes", 1],
     "preprocessing": ["caffe", {"source": 1}],
     "tf_data_threads": [-1, 2.5, "4"],
+    "finetune.freeze_through": ["conv6_1", 3, None],
+    "finetune.body_lr_multiplier": [-0.1, "0.1", float("inf")],
+    "finetune.head_layers": ["everything", ("fc9",), 8],
 }
 
 
 def default_dict():
     """The paper's recipe as the plain nested dict a config.json holds (any value can be set)."""
     return common.get_config("D").to_dict()
+
+
+def dict_with(path):
+    """default_dict(), or for the fields of an optional group the recipe that has it (finetune.py)."""
+    if path.startswith("finetune."):
+        config = finetune.get_config()
+        config.dataset = "folder:/photos"
+        return config.to_dict()
+    return default_dict()
 
 
 def with_value(config, path, value):
@@ -120,7 +132,7 @@ def test_the_tests_cover_every_field_outside_app_a():
 @pytest.mark.parametrize("path", sorted(BAD))
 def test_every_field_with_a_bad_value_is_named_with_the_value(path):
     for value in BAD[path]:
-        text = message(with_value(default_dict(), path, value))
+        text = message(with_value(dict_with(path), path, value))
         assert "(1 problem)" in text, (path, value, text)
         assert f"config.{path}={value!r}: expected " in text, (path, value, text)
 

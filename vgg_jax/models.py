@@ -189,9 +189,12 @@ def _conv_block(
         if _LRN_AFTER.get(module.variant) == name:
             x = local_response_norm(x, alpha_over_size=module.lrn_alpha_over_size)
             activations.append(("norm1", x))
-    if dense and module.dense_ceil_mode:
-        x = ceil_mode_pad(x)
-    x = max_pool_2x2(x)
+    if module.pooling == "avg":
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    else:
+        if dense and module.dense_ceil_mode:
+            x = ceil_mode_pad(x)
+        x = max_pool_2x2(x)
     activations.append((f"pool{block + 1}", x))
     return x, activations
 
@@ -228,6 +231,8 @@ class VGG(nn.Module):
         'scr' (the last layer, ``fc8_box``, regresses one box (cx, cy, w, h)
         shared by all classes: 4 outputs) or 'pcr' (one box per class:
         4·num_classes outputs, class-major). See `vgg_jax.localisation.arithmetic`.
+      pooling: 'max' (the paper's 2×2/2 max-pools) or 'avg' (average pools, as
+        Gatys et al. use for image synthesis; `vgg_jax.perceptual`).
     """
 
     variant: str = "D"
@@ -244,6 +249,7 @@ class VGG(nn.Module):
     remat: bool = False
     dense_ceil_mode: bool = True
     box_head: str = "none"
+    pooling: str = "max"
 
     @property
     def fc6_window(self) -> int:
@@ -274,6 +280,8 @@ class VGG(nn.Module):
         _check_variant(self.variant)
         if self.crop_size % 32:
             raise ValueError(f"crop_size must be a multiple of 32, got {self.crop_size}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"VGG expects NHWC RGB images (N, H, W, 3), got shape {x.shape}")
         height, width = x.shape[1:3]

@@ -24,6 +24,9 @@ Usage::
     grad = jax.grad(perceptual.style_loss, argnums=2)(net, params, x, style)
     net, params = perceptual.pretrained("lpips", source="torchvision")
     distances = perceptual.lpips(net, params, x, y)          # (N,) LPIPS v0.1
+    maps = perceptual.lpips(net, params, x, y, spatial=True)  # (N, H, W): where the images differ
+    per_image = perceptual.perceptual_loss(net, params, x, y, reduction="none")  # (N,)
+    net, params = perceptual.pretrained("gatys_style", pooling="avg")  # Gatys et al.'s average pools
 
 `VGGFeatures` is a frozen (hashable) description of the network and input
 convention; its parameters are passed explicitly (close over them, or pass
@@ -41,6 +44,8 @@ deepest requested layer keeps one pixel after its max-pools. Activations are
 named as in `vgg_jax.models.feature_names`: ``convB_I`` (before the ReLU),
 ``reluB_I`` (after), ``poolB``. Computation runs in `dtype` (float32 or
 bfloat16; parameters stay float32); losses are accumulated in float32.
+Losses reduce over the batch as ``reduction`` says: 'mean' (a scalar, the
+default), 'sum', or 'none' (one loss per image, shape (N,)).
 
 No TensorFlow is imported by this module or by what it imports.
 """
@@ -92,6 +97,8 @@ PRESETS: dict[str, LayerSet] = {
 }
 
 INPUT_RANGES: dict[str, tuple[float, float]] = {"[0,1]": (0.0, 1.0), "[-1,1]": (-1.0, 1.0), "0-255": (0.0, 255.0)}
+POOLINGS = ("max", "avg")  # the paper's max-pools, or Gatys et al.'s average pools
+REDUCTIONS = ("mean", "sum", "none")
 # Beyond the declared range by more than this fraction of its span is refused; resampling overshoot is allowed.
 RANGE_TOLERANCE = 0.01
 
@@ -123,6 +130,8 @@ class VGGFeatures:
       width_multiplier: the network's width (1.0 for published weights).
       dtype: compute dtype (jnp.float32 or jnp.bfloat16).
       lrn_alpha_over_size: LRN convention (A-LRN only).
+      pooling: 'max' (the trained networks') or 'avg' (Gatys et al. 2016: "replacing the maximum pooling
+        operation by average pooling yields slightly more appealing results" for image synthesis).
     """
 
     variant: str = "D"
@@ -132,6 +141,7 @@ class VGGFeatures:
     width_multiplier: float = 1.0
     dtype: Any = jnp.float32
     lrn_alpha_over_size: bool = False
+    pooling: str = "max"
 
     def __post_init__(self) -> None:
         # Normalised here so that equal descriptions hash equal (a static argument of jax.jit).
@@ -139,6 +149,8 @@ class VGGFeatures:
         object.__setattr__(self, "input_range", _input_range(self.input_range))
         object.__setattr__(self, "mean_rgb", tuple(float(m) for m in self.mean_rgb))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def _check_layers(self, layers: str | Sequence[str]) -> tuple[str, ...]:
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
@@ -159,6 +171,7 @@ class VGGFeatures:
             width_multiplier=self.width_multiplier,
             lrn_alpha_over_size=self.lrn_alpha_over_size,
             dtype=self.dtype,
+            pooling=self.pooling,
         )
 
     def min_size(self, layers: Sequence[str] | None = None) -> int:
@@ -215,6 +228,7 @@ def from_classifier(
     *,
     input_range: str | Sequence[float] = (0.0, 1.0),
     dtype: Any = jnp.float32,
+    pooling: str = "max",
 ) -> tuple[VGGFeatures, dict[str, Any]]:
     """(features, conv parameters on device) of a `vgg_jax.load` / `vgg_jax.pretrained` Classifier."""
     model = classifier.model
@@ -226,6 +240,7 @@ def from_classifier(
         width_multiplier=model.width_multiplier,
         dtype=dtype,
         lrn_alpha_over_size=model.lrn_alpha_over_size,
+        pooling=pooling,
     )
     return net, jax.device_put(conv_params(classifier.params))
 
@@ -236,13 +251,15 @@ def pretrained(
     source: str | None = None,
     input_range: str | Sequence[float] = (0.0, 1.0),
     dtype: Any = jnp.float32,
+    pooling: str = "max",
     **kwargs: Any,
 ) -> tuple[VGGFeatures, dict[str, Any]]:
     """(features, parameters) of a `PRESETS` layer set with published weights (`vgg_jax.pretrained`).
 
     The default source is Keras' notop file (the authors' VGG-16/19 conv
     layers, the weights Johnson et al. and Gatys et al. used); 'torchvision'
-    gives torchvision's (what LPIPS uses). `kwargs` go to `vgg_jax.pretrained`
+    gives torchvision's (what LPIPS uses). ``pooling='avg'`` swaps the max-pools
+    for average pools (Gatys et al.). `kwargs` go to `vgg_jax.pretrained`
     (cache_dir, url, sha256).
     """
     from vgg_jax import pretrained as weights
@@ -254,7 +271,7 @@ def pretrained(
     if source in (None, "keras"):
         name += "_notop"
     classifier = weights.pretrained(name, source=source, **kwargs)
-    return from_classifier(classifier, layer_set.layers, input_range=input_range, dtype=dtype)
+    return from_classifier(classifier, layer_set.layers, input_range=input_range, dtype=dtype, pooling=pooling)
 
 
 def _weights(layers: tuple[str, ...], weights: Mapping[str, float] | Sequence[float] | None) -> dict[str, float]:
@@ -268,6 +285,13 @@ def _weights(layers: tuple[str, ...], weights: Mapping[str, float] | Sequence[fl
     return dict(zip(layers, weights, strict=True))
 
 
+def _reduce(per_image: jax.Array, reduction: str) -> jax.Array:
+    """(N,) losses → their mean or sum (scalars), or themselves ('none')."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return {"mean": jnp.mean, "sum": jnp.sum}.get(reduction, lambda x: x)(per_image)
+
+
 def perceptual_loss(
     net: VGGFeatures,
     params: Params,
@@ -277,12 +301,14 @@ def perceptual_loss(
     layers: Sequence[str] | None = None,
     weights: Mapping[str, float] | Sequence[float] | None = None,
     distance: str = "mse",
+    reduction: str = "mean",
 ) -> jax.Array:
-    """Σ_layers w_l · mean over (N, h, w, C) of (φ_l(images) − φ_l(targets))² ('mse') or |·| ('l1').
+    """Σ_layers w_l · mean over (h, w, C) of (φ_l(images) − φ_l(targets))² ('mse') or |·| ('l1'), per image.
 
     Johnson et al. 2016 eq. 2 (feature reconstruction loss) summed over
     layers. `targets` are images like `images`, or their features from `net`
-    (computed once for a fixed target). Returns a float32 scalar.
+    (computed once for a fixed target). Returns a float32 scalar (the mean
+    over images with `reduction` 'mean', the default; 'sum'), or (N,) ('none').
     """
     layers = net._check_layers(layers) if layers else net.layers
     if distance not in ("mse", "l1"):
@@ -292,12 +318,12 @@ def perceptual_loss(
     # never runs backward through the targets' pass (a third less work than the concatenated batch).
     ours = net(params, images, layers)
     theirs = targets if isinstance(targets, Mapping) else net(params, targets, layers)
-    total = jnp.zeros((), jnp.float32)
+    total = jnp.zeros(jnp.shape(images)[:1], jnp.float32)
     for layer, weight in _weights(layers, weights).items():
         difference = ours[layer].astype(jnp.float32) - jnp.asarray(theirs[layer]).astype(jnp.float32)
         error = jnp.square(difference) if distance == "mse" else jnp.abs(difference)
-        total = total + weight * jnp.mean(error)
-    return total
+        total = total + weight * jnp.mean(error, axis=(1, 2, 3))
+    return _reduce(total, reduction)
 
 
 def _require_images(images: jax.Array, loss: str) -> None:
@@ -332,22 +358,24 @@ def style_loss(
     *,
     layers: Sequence[str] | None = None,
     weights: Mapping[str, float] | Sequence[float] | None = None,
+    reduction: str = "mean",
 ) -> jax.Array:
-    """Σ_layers w_l · mean over images of ‖G_l(images) − G_l(style)‖²_F (Johnson et al. 2016 eq. 4).
+    """Σ_layers w_l · ‖G_l(images) − G_l(style)‖²_F per image (Johnson et al. 2016 eq. 4).
 
     `style`: images (one, broadcast to every image, or one per image; any
     size, since Gram matrices do not depend on it) or `gram_matrices` of them.
-    Returns a float32 scalar.
+    Returns a float32 scalar (the mean over images with `reduction` 'mean',
+    the default; 'sum'), or (N,) ('none').
     """
     layers = net._check_layers(layers) if layers else net.layers
     _require_images(images, "style_loss")
     ours = gram_matrices(net, params, images, layers)
     theirs = style if isinstance(style, Mapping) else gram_matrices(net, params, jnp.asarray(style), layers)
-    total = jnp.zeros((), jnp.float32)
+    total = jnp.zeros(jnp.shape(images)[:1], jnp.float32)
     for layer, weight in _weights(layers, weights).items():
         difference = ours[layer] - jnp.asarray(theirs[layer], jnp.float32)
-        total = total + weight * jnp.mean(jnp.sum(jnp.square(difference), axis=(-2, -1)))
-    return total
+        total = total + weight * jnp.sum(jnp.square(difference), axis=(-2, -1))
+    return _reduce(total, reduction)
 
 
 @functools.cache
@@ -367,8 +395,14 @@ def _unit(features: jax.Array) -> jax.Array:
     return features / (jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True)) + 1e-10)
 
 
-def lpips(net: VGGFeatures, params: Params, images: jax.Array, targets: jax.Array) -> jax.Array:
+def lpips(
+    net: VGGFeatures, params: Params, images: jax.Array, targets: jax.Array, *, spatial: bool = False
+) -> jax.Array:
     """LPIPS distance (Zhang et al. 2018, v0.1, VGG-16 trunk) of each image to its target: (N,) float32.
+
+    ``spatial=True`` gives the distance map instead, (N, H, W) at the images' size: each layer's
+    weighted squared difference upsampled bilinearly (half-pixel centres, as ``lpips``'s
+    ``spatial=True``: torch's ``Upsample(mode='bilinear', align_corners=False)``), summed over layers.
 
     `net` must be the 'lpips' preset on torchvision's VGG-16 weights (what the
     linear weights were calibrated on): ``perceptual.pretrained("lpips",
@@ -386,8 +420,10 @@ def lpips(net: VGGFeatures, params: Params, images: jax.Array, targets: jax.Arra
             "torchvision's: use perceptual.pretrained('lpips', source='torchvision') (or source='timm')"
         )
     ours, theirs = net(params, images, layers), net(params, targets, layers)
-    total = jnp.zeros(jnp.shape(images)[:1], jnp.float32)
+    shape = jnp.shape(images)[:3]
+    total = jnp.zeros(shape if spatial else shape[:1], jnp.float32)
     for layer, weight in zip(layers, weights, strict=True):
-        difference = jnp.square(_unit(ours[layer]) - _unit(theirs[layer]))
-        total = total + jnp.mean(difference @ weight, axis=(1, 2))
+        distance = jnp.square(_unit(ours[layer]) - _unit(theirs[layer])) @ weight  # (N, h, w)
+        # Upsampling only (h ≤ H): jax.image's triangle kernel then equals torch's align_corners=False bilinear.
+        total = total + (jax.image.resize(distance, shape, "bilinear") if spatial else jnp.mean(distance, (1, 2)))
     return total

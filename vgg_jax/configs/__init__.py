@@ -12,7 +12,7 @@ import os
 import pathlib
 
 PACKAGED = pathlib.Path(__file__).resolve().parent
-NETS = ("a", "a_lrn", "b", "c", "d", "e", "loc")  # loc: App. A localisation
+NETS = ("a", "a_lrn", "b", "c", "d", "e", "loc", "finetune")  # loc: App. A localisation
 
 
 def resolve_config_path(spec: str) -> str:

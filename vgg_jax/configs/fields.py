@@ -14,10 +14,12 @@ from typing import Any
 
 from vgg_jax.configs.specs import (
     FLOAT16_REFUSED,
+    LAYER_NAME,
     Spec,
     boolean,
     class_names,
     coordinator_address,
+    custom,
     integer,
     is_int,
     is_number,
@@ -80,6 +82,7 @@ GROUPS: dict[str, Group] = {
         Group("spike_guard", "divergence guard (vgg_jax.training.guard)", optional=True),
         Group("distributed", "how the processes find each other", optional=True),
         Group("loc", "localisation (App. A)", optional=True, where="loc"),
+        Group("finetune", "per-layer rates when fine-tuning (configs/finetune.py)", type_safe=False, where="extra"),
     )
 }
 
@@ -376,6 +379,25 @@ FIELDS: tuple[Field, ...] = (
     Field("loc.flip", True, boolean(), "protocol 2 also on the mirrored image (§3.2)", where="loc"),
     Field("loc.merge_iou", 0.5, number(0, 1), "boxes with IoU >= this are averaged [choice]", where="loc"),
     Field("loc.top_k", 5, integer(1), "classes whose boxes protocol 2 scores", where="loc"),
+)
+
+# Fine-tuning (configs/finetune.py): which layers train, at which share of the rate (vgg_jax.training.optim).
+FIELDS += (
+    Field(
+        "finetune.freeze_through",
+        "",
+        custom(lambda v: v == "" or (isinstance(v, str) and bool(LAYER_NAME.fullmatch(v))), "'' or a layer name"),
+        "the last frozen layer (conv1_1 … fc7); '' trains every layer",
+        where="extra",
+    ),
+    Field(
+        "finetune.body_lr_multiplier",
+        0.1,
+        number(0),
+        "the rate of the layers between the frozen ones and the head, × learning_rate",
+        where="extra",
+    ),
+    Field("finetune.head_layers", ("fc8",), layer_names, "the layers trained at the full rate", where="extra"),
 )
 
 BY_PATH: dict[str, Field] = {field.path: field for field in FIELDS}

@@ -162,7 +162,7 @@ FLOAT16_REFUSED = (
     "bfloat16 has float32's range and needs none"
 )
 # Layer names of the released Caffe models (conv{block}_{i}, fc6–fc8), for warm_start.layers.
-_LAYER_NAME = re.compile(r"conv[1-5]_[1-4]|fc[678]")
+LAYER_NAME = re.compile(r"conv[1-5]_[1-4]|fc[678]")
 _HOST_PORT = re.compile(r"\S+:\d{1,5}")
 
 
@@ -182,7 +182,7 @@ def warm_start_layers(value: Any) -> str | tuple[str, ...]:
     names = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
     if names == ("all",):
         return "all"
-    unknown = [name for name in names if not _LAYER_NAME.fullmatch(name)]
+    unknown = [name for name in names if not LAYER_NAME.fullmatch(name)]
     if unknown:
         raise ValueError(f"warm_start.layers: {unknown} are not layer names")
     return names

@@ -104,7 +104,10 @@ def _class_names_match(class_names: Sequence[str] | None, num_classes: int) -> s
 def _dataset_named(dataset: str, preprocessing: Any) -> str | None:
     # Converted weights (config.preprocessing present) may come from an unknown data set; training needs one.
     if not dataset.strip() and preprocessing is _MISSING:
-        return "config.dataset='': expected a TFDS data set name (e.g. 'imagenet2012', 'stl10')"
+        return (
+            "config.dataset='': expected a TFDS data set name (e.g. 'imagenet2012', 'stl10') or a folder of images "
+            "('folder:PATH', PATH/<class>/<image>)"
+        )
     return None
 
 

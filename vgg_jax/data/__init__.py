@@ -14,3 +14,8 @@
 The on-device half (cast, colour shift, mean subtraction) is TensorFlow-free, in `vgg_jax.preprocess`.
 Importing this package imports nothing; the commands keep TensorFlow off the GPUs (`vgg_jax.runtime.process`).
 """
+
+from vgg_jax.runtime import extras
+
+# A missing training dependency: one line naming the extra, instead of an ImportError deep in TensorFlow.
+extras.require_training("vgg_jax.data (training and evaluation data: tf.data, TFDS)")

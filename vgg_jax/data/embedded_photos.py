@@ -18,9 +18,14 @@ shared, and both splits sample every part of the scene (a left/right split, vers
 other scenery than it trained on: the demo nets' test error wandered by ±10 points between evaluations
 while their training loss fell smoothly). 600 train and 100 test patches per class (6,000 / 1,000).
 Example k of class c draws from ``numpy.random.default_rng([11, c, split, k])``.
+
+`write_folder` writes crops of these (and scikit-image's other bundled photographs) as a folder of
+JPEG/PNG files of assorted sizes: the ``folder:PATH`` data set of the fine-tuning test and benchmark.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -113,3 +118,42 @@ class SamplePhotos(tfds.core.GeneratorBasedBuilder):
                 rng = np.random.default_rng([_SEED, label, split_id, k])
                 key = (label * 2 + split_id) * 1000 + k
                 yield key, {"image": sample_patch(image, split, rng), "label": label, "index": key}
+
+
+def write_folder(
+    root: str, names: tuple[str, ...], per_class: dict[str, int], *, max_side: int = 128, seed: int = 0
+) -> dict[str, list[str]]:
+    """Writes crops of the photographs `names` as a folder data set (`vgg_jax.data.folder`); returns the files.
+
+    `per_class` maps a split to a count: ``{"train": 8, "test": 2}`` writes ``root/<split>/<name>/…``;
+    ``{"": 10}`` writes ``root/<name>/…`` (one split). Each file is a crop of its photograph (a fifth to two
+    thirds of its smaller side, aspect 3:4 to 4:3, anywhere) resized to 32–`max_side` px per side, saved as
+    JPEG or PNG in turns; every fifth is greyscale and every seventh PNG has an alpha channel: the mix a
+    folder of real photos has. Deterministic in `seed`.
+    """
+    from PIL import Image
+
+    written: dict[str, list[str]] = {}
+    for label, name in enumerate(names):
+        image = photo(name)
+        height, width = image.shape[:2]
+        for split_id, (split, count) in enumerate(per_class.items()):
+            directory = os.path.join(root, split, name)
+            os.makedirs(directory, exist_ok=True)
+            for k in range(count):
+                rng = np.random.default_rng([_SEED, seed, label, split_id, k])
+                side = rng.uniform(0.2, 0.67) * min(height, width)
+                aspect = rng.uniform(0.75, 4 / 3)
+                h, w = int(min(side * aspect, height)), int(min(side / aspect, width))
+                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                crop = Image.fromarray(image[top : top + h, left : left + w])
+                crop = crop.resize(tuple(int(v) for v in rng.integers(32, max_side + 1, 2)), Image.Resampling.BILINEAR)
+                png = k % 2 == 1
+                if k % 5 == 4:
+                    crop = crop.convert("L")
+                elif png and k % 7 == 6:
+                    crop = crop.convert("RGBA")
+                path = os.path.join(directory, f"{name}_{k:03d}.{'png' if png else 'jpg'}")
+                crop.save(path, **({} if png else {"quality": 90}))
+                written.setdefault(split, []).append(path)
+    return written

@@ -1,7 +1,8 @@
 """Paper §3.1 training data, where it comes from: TFDS builders, metadata, example counts, records.
 
 `get_dataset_builder(config)` opens ``config.dataset`` in ``config.data_dir`` and prepares it when
-needed: the embedded sets (`vgg_jax.data.embedded`) offline under a file lock, manual-download sets
+needed: the embedded sets (`vgg_jax.data.embedded`) and folders of images (``folder:PATH``,
+`vgg_jax.data.folder`) offline under a file lock, manual-download sets
 (ImageNet) from their manual directory or with instructions, others by download when
 ``config.download``. Unknown names, missing features and unprepared sets fail here, before any
 expensive work.
@@ -27,8 +28,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import embedded, embedded_photos
+from vgg_jax.data import embedded, embedded_photos, folder
 from vgg_jax.localisation import embedded_data as embedded_loc
+from vgg_jax.localisation import ilsvrc_data  # noqa: F401 (registers the ilsvrc2012_loc builder)
 
 DEMO_HINT = "--config=configs/e.py:demo"
 EMBEDDED_DATASETS = (
@@ -65,6 +67,8 @@ def get_dataset_builder(config: Any) -> tfds.core.DatasetBuilder:
     if tfds_is_mocked():
         return _open_builder(name, data_dir, required)
     key = (name, data_dir)
+    if key not in _PREPARED and folder.is_folder(name):  # the user's own photos, prepared once
+        _PREPARED[key] = folder.builder(name, data_dir)
     if key not in _PREPARED:
         builder = _open_builder(name, data_dir, required)
         if not builder.is_prepared():
@@ -239,7 +243,7 @@ def read_records(builder: tfds.core.DatasetBuilder, split: Any, offset: int) -> 
         return {
             "image": ex["image"],
             "label": tf.cast(ex["label"], tf.int32),
-            "id": ex["tfds_id"],
+            "id": ex["filename"] if "filename" in ex else ex["tfds_id"],  # a folder's images: their path
             "index": index + offset,
         }
 

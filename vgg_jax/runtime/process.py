@@ -42,8 +42,10 @@ def start_command(*, tensorflow: bool = True) -> None:
     """What every command does first: `prepare`, then library chatter off unless asked for (`console.quiet`)."""
     from absl import flags
 
-    from vgg_jax.runtime import console
+    from vgg_jax.runtime import console, extras
 
+    if tensorflow:
+        extras.exit_unless_training(extras.command_name())
     prepare(tensorflow=tensorflow)
     if not console.verbose_requested(flags.FLAGS["verbosity"].present > 0):
         console.quiet(tensorflow=tensorflow)

@@ -28,16 +28,27 @@ guard's rollback) lowers the rate at once. Two schedules:
 Note: optax's SGD keeps the momentum of raw gradients and multiplies by the
 current rate, while Caffe accumulates lr·gradient; the two only differ for a
 few steps after each of the (three) rate drops.
+
+Fine-tuning (a config with a ``finetune`` group, `vgg_jax/configs/finetune.py`)
+gives each layer its own rate, as Caffe's per-layer ``lr_mult``: layers up to
+``finetune.freeze_through`` do not train (``optax.multi_transform`` sends them to
+``set_to_zero``: no update, no weight decay, no momentum kept), the
+``finetune.head_layers`` train at the rate, every other layer at
+``finetune.body_lr_multiplier`` × the rate (`layer_rate_multipliers`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import contrib
+
+from vgg_jax import models
+from vgg_jax.configs import specs
 
 if TYPE_CHECKING:  # the bench's bare-GPU import path has no ml_collections
     import ml_collections
@@ -68,18 +79,72 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     return optax.piecewise_constant_schedule(float(config.learning_rate), boundaries)
 
 
+def layer_rate_multipliers(config: ml_collections.ConfigDict, layers: Sequence[str]) -> dict[str, float] | None:
+    """{layer: multiplier of the rate} under ``config.finetune`` (0: frozen); None without it (all at 1×).
+
+    `layers` are the network's layers in forward order; a ``freeze_through`` or head layer not among them
+    raises a ValueError naming the field.
+    """
+    finetune = config.get("finetune")
+    if not finetune:
+        return None
+    layers = list(layers)
+    through = finetune.freeze_through
+    heads = list(specs.warm_start_layers(finetune.head_layers))  # the command line's forms of a layer list
+    for field, names in (("freeze_through", [through] if through else []), ("head_layers", heads)):
+        unknown = [name for name in names if name not in layers]
+        if unknown:
+            raise ValueError(f"config.finetune.{field}: {unknown} not a layer of VGG-{config.model.variant} {layers}")
+    frozen = layers[: layers.index(through) + 1] if through else []
+    body = float(finetune.body_lr_multiplier)
+    return {layer: 0.0 if layer in frozen else 1.0 if layer in heads else body for layer in layers}
+
+
+def _scale_by_layer(multipliers: dict[str, float]) -> optax.GradientTransformation:
+    """Each layer's update × its multiplier (the per-layer rate; momentum is of raw gradients, as in optax)."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda path, u: u * multipliers[path[0].key], updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _finetune_sgd(
+    learning_rate: Any, momentum: float, weight_decay: float, decay_biases: bool, multipliers: tuple
+) -> optax.GradientTransformation:
+    rates = dict(multipliers)
+    training = optax.chain(_sgd_with_l2(learning_rate, momentum, weight_decay, decay_biases), _scale_by_layer(rates))
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if rates[path[0].key] == 0 else "train", params
+        )
+
+    return optax.multi_transform({"train": training, "frozen": optax.set_to_zero()}, labels)
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The paper's SGD; its state carries the learning rate the last step used (`current_learning_rate`).
 
     The injected rate is a number that the train step overwrites with `step_learning_rate` before each
-    update: the schedule lives in the step.
+    update: the schedule lives in the step. With a ``finetune`` group, the network's layers get
+    `layer_rate_multipliers`.
     """
-    return optax.inject_hyperparams(_sgd_with_l2, static_args=("momentum", "weight_decay", "decay_biases"))(
+    hyper = dict(
         learning_rate=float(config.learning_rate),
         momentum=float(config.momentum),
         weight_decay=float(config.weight_decay),
         decay_biases=bool(config.decay_biases),
     )
+    static = ("momentum", "weight_decay", "decay_biases")
+    multipliers = layer_rate_multipliers(config, models.layer_names(config.model.variant))
+    if multipliers is None:
+        return optax.inject_hyperparams(_sgd_with_l2, static_args=static)(**hyper)
+    # A tuple of pairs: hashable, so inject_hyperparams passes it through as a static argument.
+    sgd = optax.inject_hyperparams(_finetune_sgd, static_args=(*static, "multipliers"))
+    return sgd(**hyper, multipliers=tuple(multipliers.items()))
 
 
 def step_learning_rate(schedule: optax.Schedule | float, step: jax.Array, plateau_state: Any) -> jax.Array:
@@ -144,12 +209,15 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def update_norm(opt_state: Any) -> jax.Array:
+def update_norm(opt_state: Any) -> jax.Array | None:
     """‖update‖ of the step that produced `opt_state`, from its momentum: SGD's update is −rate × trace.
 
     Cheaper than the norm of the updates themselves: XLA then fuses the update into the parameters'
-    write instead of storing it for a second read (bench/RESULTS.md, "The step's own work").
+    write instead of storing it for a second read (bench/RESULTS.md, "The step's own work"). None for
+    the fine-tuning optimiser (per-layer rates, frozen layers): the caller takes the updates' norm.
     """
+    if isinstance(opt_state.inner_state, optax.MultiTransformState):
+        return None
     trace = opt_state.inner_state[1][0].trace
     return current_learning_rate(opt_state) * global_norm(trace)
 

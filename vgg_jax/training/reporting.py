@@ -5,7 +5,10 @@ the log interval: step, epoch, loss, top1_error, top5_error, lr,
 images_per_second, grad_norm, update_ratio, and per layer with config.log_layer_stats)
 and evaluation rows (`split`: the eval split; loss, top-1/5
 error, lr, num_examples and, when records could not be decoded, skipped), so a
-notebook plots both curves from one file. Only process 0 writes.
+notebook plots both curves from one file. Only process 0 writes. A run that
+reaches its last step ends with a summary (`summary_lines`): the final and the
+best validation error with their steps, where the checkpoints are, and the
+command that evaluates the final network as the paper does (§3.2).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import logging
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 from etils import epath
 
 from vgg_jax.checkpointing import jsonl
 from vgg_jax.configs.tree import flatten
-from vgg_jax.runtime import progress
+from vgg_jax.runtime import extras, progress
+
+extras.require_training("vgg_jax.training.reporting (training logs: clu, TensorBoard)")
+from clu import metric_writers  # noqa: E402 (after the check that names the extra)
 
 
 class Reporter:
@@ -91,6 +96,42 @@ class Reporter:
             record = {"step": step, "epoch": step / self.steps_per_epoch, "split": split, **values}
             jsonl.append(epath.Path(self.workdir) / "metrics.jsonl", record)
 
+    def summary(self) -> None:
+        """Logs `summary_lines` (process 0: it holds metrics.jsonl)."""
+        if self.is_chief:
+            for line in summary_lines(self.workdir, self.config.eval_split):
+                logging.info("%s", line)
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def summary_lines(workdir: str, split: str) -> list[str]:
+    """What a finished run says last, from its metrics.jsonl (every evaluation, resumed runs included).
+
+    The best step is the one `checkpointing.checkpoints` keeps as 'best': the lowest top-1 error, the latest on ties.
+    """
+    rows = jsonl.read(epath.Path(workdir) / "metrics.jsonl")
+    evaluations = [row for row in rows if row.get("split") == split]
+    lines, where = [], f"summary: checkpoints in {epath.Path(workdir) / 'checkpoints'}"
+    if evaluations:
+        final = evaluations[-1]
+        best = min(evaluations, key=lambda row: (row["top1_error"], -row["step"]))
+        lines.append(
+            f"summary: {split} top-1 err {final['top1_error']:.4f} (top-5 {final['top5_error']:.4f}) at the final "
+            f"step {final['step']}; best {best['top1_error']:.4f} (top-5 {best['top5_error']:.4f}) at step "
+            f"{best['step']}"
+        )
+        same = final["step"] == best["step"]
+        where += (
+            f" (step {final['step']}, the final and best)"
+            if same
+            else (f" (steps {final['step']}, the final, and {best['step']}, the best, among them)")
+        )
+    lines.append(where)
+    lines.append(
+        f"summary: next, `python -m vgg_jax evaluate --checkpoint={workdir}` evaluates the final net densely "
+        "(paper §3.2; --step=best for the best, --method=both --scales=multi for Table 5's columns)"
+    )
+    return lines

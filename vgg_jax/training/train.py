@@ -27,8 +27,8 @@ from vgg_jax.checkpointing import checkpoints, run_lock
 from vgg_jax.configs import specs, validation
 from vgg_jax.data import sources, streams
 from vgg_jax.evaluation import evaluate as evaluation
-from vgg_jax.runtime import console, parallel, paths
-from vgg_jax.training import guard, optim, reporting, resume, steps
+from vgg_jax.runtime import console, devices, parallel, paths
+from vgg_jax.training import guard, optim, reporting, resume, steps, warm_start
 
 # ---------------------------------------------------------------------------
 # Set-up.
@@ -121,9 +121,12 @@ def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState
                 "all layers" if layers == "all" else ", ".join(layers),
             )
         return state
-    source_params, source_config, step = checkpoints.restore_params(source, config.warm_start.step)
-    logging.info("warm start from %s (VGG-%s, step %d)", source, source_config.model.variant, step)
-    params, _ = checkpoints.warm_start(state.params, source_params, "all" if layers == "all" else list(layers))
+    source_params, source_config, step, directory = warm_start.restore(source, config.warm_start.step)
+    logging.info("warm start from %s (VGG-%s, step %d)", directory, source_config.model.variant, step)
+    warm_start.check_mean_rgb(config, source_config)
+    params, _ = checkpoints.warm_start(
+        state.params, source_params, warm_start.layers_to_copy(state.params, source_params, layers)
+    )
     return state.replace(params=params, opt_state=tx.init(params))
 
 
@@ -322,15 +325,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     start_step = int(jax.device_get(state.step))
     resume.record_start(workdir, config, step=start_step, shards=shards, changes=changes, class_names=class_names)
     logging.info(
-        "VGG-%s on %s: %d steps (%d per epoch), global batch %d on %d devices / %d processes",
+        "VGG-%s on %s: %d steps (%d per epoch), global batch %d on %s / %d processes",
         config.model.variant,
         config.dataset,
         total_steps,
         steps_per_epoch,
         config.global_batch_size,
-        mesh.devices.size,
+        devices.describe(mesh.devices.flat),
         jax.process_count(),
     )
+    devices.warn_if_gpu_unused(jax.default_backend())
 
     root_key = jax.random.key(config.seed)
     train_iter: Iterator[dict[str, np.ndarray]] = task.create_train_iterator(config, start_step=start_step)
@@ -374,6 +378,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
             checkpoints.finish_saves(manager, close=True)
         finally:
             reporter.close()
+    if step >= total_steps:
+        reporter.summary()
     return state
 
 
