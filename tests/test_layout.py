@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -76,3 +77,14 @@ print(sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_module_map_lists_every_module():
+    """docs/modules.md names every module of the package (paths relative to vgg_jax/), and none that is gone."""
+    text = (PACKAGE.parent / "docs" / "modules.md").read_text()
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")}
+    modules -= {name for name in modules if name.endswith("/__init__.py")}
+    rows = "\n".join(line for line in text.splitlines() if line.startswith("| `"))
+    listed = set(re.findall(r"`([\w/]+\.py)`", rows))
+    assert sorted(modules - listed) == []
+    assert sorted(name for name in listed if not (PACKAGE / name).exists()) == []
