@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from vgg_jax.configs import NETS, PACKAGED, common, fields, loc, specs, validation
+from vgg_jax.configs import NETS, PACKAGED, common, fields, finetune, loc, specs, validation
 from vgg_jax.configs.tree import flatten, get_field, set_field
 from vgg_jax.training import resume
 
@@ -20,7 +20,9 @@ def every_config():
     """Every config the packaged files build (each net, each argument; App. A's variants)."""
     for arg in ("", "demo", "scr,fc6-fc7", "demo,classifier"):
         yield f"loc:{arg}", loc.get_config(arg)
-    for net in sorted(set(NETS) - {"loc"}):
+    for arg in ("vgg16", "vgg19", "demo"):
+        yield f"finetune:{arg}", finetune.get_config(arg)
+    for net in sorted(set(NETS) - {"loc", "finetune"}):
         variant = re.search(r'common\.get_config\("([^"]+)"', (PACKAGED / f"{net}.py").read_text()).group(1)
         for arg in ARGS:
             yield f"{net}:{arg}", common.get_config(variant, arg)

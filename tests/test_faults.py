@@ -281,7 +281,7 @@ HOLDER = """
 import json, os, sys, time
 sys.path.insert(0, {tests!r})
 from test_train import tiny_config
-from vgg_jax import reporting, train
+from vgg_jax.training import reporting, train
 
 append = reporting.Reporter._append
 

@@ -47,7 +47,7 @@ def test_the_recipe_sets_rates_by_layer():
         finetune.get_config("vgg17")
     config.finetune.freeze_through = "conv3_4"  # VGG-16 has none
     with pytest.raises(ValueError, match=r"config.finetune.freeze_through: \['conv3_4'\] not a layer of VGG-D"):
-        optim.create_optimizer(config, 10)
+        optim.create_optimizer(config)
     config.finetune.freeze_through = "conv9_9"
     assert any("finetune.freeze_through='conv9_9'" in line for line in validation.problems(config))
 
@@ -58,7 +58,7 @@ def test_frozen_layers_stay_and_the_others_move_at_their_share_of_the_rate():
     params, grads = _tiny_params(1.0), _tiny_params(0.5)
     plain_config = finetune.get_config()
     del plain_config.finetune
-    tuned, plain = optim.create_optimizer(config, 10), optim.create_optimizer(plain_config, 10)
+    tuned, plain = optim.create_optimizer(config), optim.create_optimizer(plain_config)
     tuned_state, plain_state = tuned.init(params), plain.init(params)
     for _ in range(2):  # the second step carries momentum
         ours, tuned_state = tuned.update(grads, tuned_state, params)

@@ -58,7 +58,8 @@ def test_model_preprocessing_and_notebook_api_import_no_tensorflow(tmp_path):
 import sys
 import numpy as np
 import vgg_jax
-from vgg_jax import checkpoints, models, preprocess
+from vgg_jax import models, preprocess
+from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common
 
 config = common.get_config("A")

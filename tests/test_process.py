@@ -74,7 +74,7 @@ def test_the_installed_jaxlib_runs_with_what_apply_adds():
     """The real check on this jaxlib: an unknown flag is refused, and the flags apply() adds start JAX."""
     assert not cpu_defaults.xla_knows("--xla_no_such_flag_for_vgg_jax=1")
     code = (
-        "import os; from vgg_jax import cpu_defaults; added = cpu_defaults.apply(); import jax.numpy as jnp; "
+        "import os; from vgg_jax.runtime import cpu_defaults; added = cpu_defaults.apply(); import jax.numpy as jnp; "
         "print(float(jnp.ones(3).sum()), os.environ.get('XLA_FLAGS', ''), len(added))"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -114,7 +114,7 @@ _PARALLEL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import jax
     from test_train import tiny_config
-    from vgg_jax import train
+    from vgg_jax.training import train
     assert jax.device_count() == {devices}, jax.devices()
     config = tiny_config()
     config.num_train_steps = 4

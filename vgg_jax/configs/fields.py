@@ -99,12 +99,12 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "model.num_classes",
         1000,
-        integer(2),
+        custom(lambda v: is_int(v) and (v >= 2 or v == 0), "an integer >= 2 (0: weights without fc6–fc8)"),
         "classes of fc8; overwritten from the data set's metadata when they differ",
         may_change="nothing: it follows the data set, which may not change",
     ),
     Field("model.width_multiplier", 1.0, number(0, low_open=True), "conv widths × this (1: the paper's)"),
-    Field("model.fc_width", 4096, integer(1), "width of fc6 and fc7"),
+    Field("model.fc_width", 4096, integer(0), "width of fc6 and fc7 (0: weights without fc6–fc8)"),
     Field("model.dropout_rate", 0.5, number(0, 1, high_open=True), "dropout on fc6 and fc7"),
     Field(
         "model.initializer",

@@ -129,7 +129,18 @@ def _canvas_holds_crop(resample_on_device: bool, resample_canvas: int, crop_size
     return None
 
 
+def _head_present(num_classes: int, fc_width: int, include_top: Any) -> str | None:
+    # Only converted 'notop' weights (model.include_top=False) have no classifier to size.
+    if include_top is not False and (num_classes == 0 or fc_width == 0):
+        return (
+            f"config.model.num_classes={num_classes}, model.fc_width={fc_width}: a net with fc6–fc8 needs >= 2 "
+            "classes and fc_width >= 1 (0 only for weights without the head, model.include_top=False)"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
+    Rule(("model.num_classes", "model.fc_width", "model.include_top"), _head_present),
     Rule(("scale_min", "scale_max"), _scale_range),
     Rule(("crop_size", "scale_min"), _crop_in_scale),
     Rule(("crop_size", "eval_scale"), _crop_in_eval_scale),
@@ -142,7 +153,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("resample_on_device", "resample_canvas", "crop_size"), _canvas_holds_crop),
 )
 # Fields a rule may see absent (passed as _MISSING rather than skipping the rule).
-_RULE_MAY_BE_MISSING = frozenset({"preprocessing"})
+_RULE_MAY_BE_MISSING = frozenset({"preprocessing", "model.include_top"})
 
 
 # --------------------------------------------------------------------------- the walk
