@@ -106,7 +106,11 @@ def test_top5_rule():
 
 @pytest.mark.parametrize("arg", ["", "scr", "fc6-fc7", "scale=384", "demo", "demo,scr,fc6-fc7", "demo,classifier"])
 def test_localisation_configs_validate(arg):
-    validation.validate(loc_config.get_config(arg))
+    config = loc_config.get_config(arg)
+    with pytest.raises(ValueError, match="config.warm_start.checkpoint=''"):  # every stage starts from a run
+        validation.validate(config)
+    config.warm_start.checkpoint = "runs/cls"
+    validation.validate(config)
 
 
 def test_localisation_config_choices():
@@ -136,6 +140,7 @@ def test_bad_localisation_fields_are_named():
 
 def tiny(arg, **overrides):
     config = loc_config.get_config(arg)
+    config.warm_start.layers = () if "classifier" in arg else config.warm_start.layers  # tests: from random init
     config.model.width_multiplier, config.model.fc_width = 1 / 16, 16
     config.global_batch_size, config.eval_batch_size, config.shuffle_buffer = 8, 120, 64
     config.num_train_steps, config.eval_every_steps, config.log_every_steps, config.checkpoint_every_steps = 4, 4, 2, 4
@@ -184,13 +189,17 @@ def test_notebook_api_localises_photos(tiny_runs):
 
 
 def test_both_protocols_report_table_rows(tiny_runs, capsys):
-    args = [f"--checkpoint={tiny_runs['pcr']}", f"--checkpoint={tiny_runs['scr']}", "--max_examples=3"]
-    assert localise_eval.main(args + ["--protocol=both", "--scales=48,64"]) == 0
+    args = [f"--checkpoint={tiny_runs['pcr']}", "--scales=80", f"--checkpoint={tiny_runs['scr']}", "--scales=80,96"]
+    args += ["--classifier_scales=64,80", "--max_examples=3"]
+    assert localise_eval.main(args + ["--protocol=both"]) == 0
     out = capsys.readouterr().out
     assert "protocol 1" in out and "protocol 2" in out
     rows = [line for line in out.splitlines() if " S=" in line]
     assert len(rows) == 3  # two protocol-1 rows, one fused protocol-2 row (union of both nets' boxes)
-    assert all(0 <= float(cell) <= 100 for row in rows for cell in row.strip("|").split("|")[2:])
+    assert "at Q=80 + " in rows[2] and "at Q=80,96 |" in rows[2] and "A both Q=64,80" in rows[2], rows[2]
+    assert all(0 <= float(cell) <= 100 for row in rows for cell in row.strip("|").split("|")[-1:])
+    assert localise_eval.main(args[:4] + ["--scales=64", "--protocol=dense"]) == 2  # 3 --scales for 2 nets
+    assert "given 3 times for 2 nets" in capsys.readouterr().err
 
 
 def test_localisation_notebook_runs(tiny_runs, monkeypatch):

@@ -213,7 +213,7 @@ def _conv_block(
         if _LRN_AFTER.get(module.variant) == name:
             x = local_response_norm(x, alpha_over_size=module.lrn_alpha_over_size)
             activations.append(("norm1", x))
-    if dense and module.dense_ceil_mode:
+    if dense:
         x = ceil_mode_pad(x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     activations.append((f"pool{block + 1}", x))
@@ -230,8 +230,9 @@ def ceil_mode_pad(x: jax.Array) -> jax.Array:
     """Pads an odd height/width at the bottom/right with −inf, so a 2×2/2 max-pool rounds up (Caffe's ceil mode).
 
     Dense evaluation only (paper §3.2): the released nets ran fully convolutionally in Caffe, whose
-    pooling covers the last odd row/column; flooring would drop it at every pool, so at Q = crop + 4
-    the score map would see only the top-left crop. Crops (multiples of 32) never need it.
+    pooling covers the last odd row/column, so the score map covers the whole input. Which part of an
+    image is that input is the test protocol's pooling rule (`vgg_jax.protocols.DENSE_POOLING`).
+    Crops (multiples of 32) never need it.
     """
     pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
     if not (pad_h or pad_w):
@@ -259,8 +260,6 @@ class VGG(nn.Module):
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       remat: recompute each conv block in the backward pass instead of storing
         its activations (memory for compute; see bench/RESULTS.md).
-      dense_ceil_mode: with ``dense=True``, pools round up (Caffe; the score map
-        covers the whole image) instead of down; crops are unaffected.
       box_head: paper App. A localisation: 'none' (fc8 gives class scores),
         'scr' (the last layer, ``fc8_box``, regresses one box (cx, cy, w, h)
         shared by all classes: 4 outputs) or 'pcr' (one box per class:
@@ -279,7 +278,6 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
-    dense_ceil_mode: bool = True
     box_head: str = "none"
 
     @property
@@ -405,7 +403,6 @@ def from_config(config: Any, *, dtype: Any = None) -> VGG:
         lrn_alpha_over_size=model.get("lrn_alpha_over_size", False),
         dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
         remat=bool(config.get("remat", False)),
-        dense_ceil_mode=model.get("dense_ceil_mode", True),
         box_head=model.get("box_head", "none"),
     )
 

@@ -72,7 +72,7 @@ MAY_CHANGE: dict[str, str] = {
     "model.num_classes": "nothing: it follows the data set, which may not change",
 }
 # Optional fields (validation.FIELDS) and their meaning when absent from an older config.json.
-_ABSENT_MEANS = {"resize_method": "exact"}
+_ABSENT_MEANS = {"resize_method": "exact", "dense_pooling": "ceil"}
 _MISSING = "<absent>"
 
 

@@ -43,6 +43,9 @@ from vgg_jax.configs.specs import (
 # The six configurations of paper Table 1. models.VARIANTS is the same tuple; it is not imported
 # because models pulls in JAX/Flax (tests/test_validation.py checks that the two agree).
 VARIANTS = ("A", "A-LRN", "B", "C", "D", "E")
+# The dense pooling rules of vgg_jax.protocols.DENSE_POOLING (not imported: protocols pulls in JAX;
+# tests/test_validation.py checks that the two agree).
+DENSE_POOLING = ("ceil", "centre", "floor")
 # Layer names of the released Caffe models (conv{block}_{i}, fc6–fc8), for warm_start.layers.
 _LAYER_NAME = re.compile(r"conv[1-5]_[1-4]|fc[678]")
 _HOST_PORT = re.compile(r"\S+:\d{1,5}")
@@ -138,6 +141,7 @@ FIELDS: dict[str, Spec] = {
     "scale_max": integer(1),
     "eval_scale": integer(1),
     "eval_method": one_of("center_crop", "dense"),
+    "dense_pooling": one_of(*DENSE_POOLING, optional=True),  # absent in older runs: the paper's 'ceil'
     "resize_method": one_of("exact", "fast", optional=True),
     "random_flip": boolean(),
     "color_shift_std": number(0),
@@ -207,7 +211,7 @@ LOC_FIELDS: dict[str, Spec] = {
     "loc.max_boxes": integer(1),
     "loc.classifiers": text(what="classification run directories, comma-separated; '' for warm_start.checkpoint"),
     "loc.test_scales": sequence(lambda v: is_int(v) and v >= 32, "integers >= 32 (test scales Q)"),
-    "loc.flip": boolean(),
+    "loc.flip": one_of("auto", "yes", "no"),
     "loc.merge_iou": number(0, 1),
     "loc.top_k": integer(1),
 }
@@ -305,6 +309,19 @@ def _loc_center_crop(box_head: str, eval_method: str) -> str | None:
     return None
 
 
+def _warm_start_source(layers: Any, checkpoint: str) -> str | None:
+    # A deeper net or a finer scale told to start from an earlier run, without the run: it would train from
+    # random init, the case the paper says stalls (§3.1), and every number of Tables 3-6 would be another net's.
+    if warm_start_layers(layers) and not checkpoint.strip():
+        return (
+            f"config.warm_start.layers={layers!r} with config.warm_start.checkpoint='': the paper starts "
+            "this net from an earlier run (net A for the deeper nets, the previous scale's net for S=384 and "
+            "jittered S). Either give that run: --config.warm_start.checkpoint=RUN_DIR, or train from random init "
+            "on purpose: --config.warm_start.layers=''"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("scale_min", "scale_max"), _scale_range),
     Rule(("crop_size", "scale_min"), _crop_in_scale),
@@ -315,6 +332,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("class_names", "model.num_classes"), _class_names_match),
     Rule(("dataset", "preprocessing"), _dataset_named),
     Rule(("model.box_head", "eval_method"), _loc_center_crop),
+    Rule(("warm_start.layers", "warm_start.checkpoint"), _warm_start_source),
 )
 # Fields a rule may see absent (passed as _MISSING rather than skipping the rule).
 _RULE_MAY_BE_MISSING = frozenset({"preprocessing"})
