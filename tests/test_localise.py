@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vgg_jax
-from vgg_jax import checkpoints, localise, localise_eval, models, train
+from vgg_jax import checkpoints, localise, localise_dense, localise_eval, models, protocols, train
 from vgg_jax.configs import loc as loc_config
 from vgg_jax.configs import validation
 
@@ -81,6 +81,22 @@ def test_dense_boxes_map_each_cell_through_its_window_and_flips_back():
     # cell (1, 2) sees the window at (32, 64): its box is pixels 40..56 × 72..88.
     np.testing.assert_allclose(corners[1, 2, 0], [40 / 64, 72 / 96, 56 / 64, 88 / 96], atol=1e-6)
     np.testing.assert_allclose(localise.flip_boxes(localise.flip_boxes(corners)), corners, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling, region", [("ceil", (0, 0, 80, 100)), ("centre", (8, 2, 64, 96))])
+def test_cell_boxes_map_back_through_the_region_the_net_saw_and_its_mirror(pooling, region):
+    """Protocol 2's geometry: a cell's box is window-relative, the window lies in the pooling rule's region."""
+    assert protocols.dense_region(80, 100, pooling) == region
+    top, left, rows, cols = region
+    cells = protocols.dense_map_size(rows, cols, 64)
+    maps = np.zeros((2, *cells, 4), np.float32)
+    maps[:, 0, 1] = [0.5, 0.5, 0.5, 0.5]  # cell (0, 1): a centred half-size box in the window at (0, 32)
+    image_view, mirror_view = localise_dense.cell_boxes(maps, (80, 100), pooling, 64)
+    expected = np.asarray([top + 16, left + 48, top + 48, left + 80]) / np.asarray([80, 100, 80, 100])
+    np.testing.assert_allclose(image_view.reshape(*cells, 4)[0, 1], expected, atol=1e-6)
+    # The mirror's cell (0, 1) sees the window at (0, 32) of the mirrored region: x ↦ left + cols − x.
+    mirrored = np.asarray([top + 16, left + cols - 80, top + 48, left + cols - 48]) / np.asarray([80, 100, 80, 100])
+    np.testing.assert_allclose(mirror_view.reshape(*cells, 4)[0, 1], np.clip(mirrored, 0, 1), atol=1e-6)
 
 
 def test_greedy_merge_averages_close_boxes_and_ranks_by_summed_score():

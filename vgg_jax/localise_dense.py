@@ -83,7 +83,7 @@ def class_posteriors(classifiers: Sequence[Net], examples: Sequence[Mapping[str,
     return fused
 
 
-def _cell_boxes(box_maps: np.ndarray, image_size: tuple[int, int], pooling: str, crop: int) -> list[np.ndarray]:
+def cell_boxes(box_maps: np.ndarray, image_size: tuple[int, int], pooling: str, crop: int) -> list[np.ndarray]:
     """Per view (image, mirror): (cells, K, 4) corners normalised by the image, from (V, h, w, 4·K) maps."""
     region = protocols.dense_region(*image_size, pooling)
     per_cell = box_maps.reshape(*box_maps.shape[:3], -1, 4)
@@ -134,7 +134,7 @@ def localise_examples(
             for s, q in enumerate(protocol.test_scales):
                 cells = np.mean([jax.nn.softmax(m["maps"][row][s], axis=-1) for m in class_maps], axis=0)
                 size = tuple(np.shape(local[index]["scaled"][q])[:2])
-                boxes[index] += _cell_boxes(box_maps["maps"][row][s], size, protocol.pooling, net.crop_size)
+                boxes[index] += cell_boxes(box_maps["maps"][row][s], size, protocol.pooling, net.crop_size)
                 scores[index] += [view.reshape(-1, view.shape[-1]) for view in cells]
     k = max(1, min(int(top_k), len(next(iter(posteriors.values()))))) if posteriors else 1
     ids, probabilities, merged = [], [], []
