@@ -91,6 +91,43 @@ def analytic_train_flops(
     }
 
 
+class _AttributeDict(dict):
+    """What `vgg_jax/configs/common.py` needs of ``ml_collections.ConfigDict``: a dict with attribute access."""
+
+    def __init__(self, initial: Any = None, type_safe: bool = True) -> None:
+        del type_safe
+        super().__init__(initial or {})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+
+def paper_config(variant: str) -> Any:
+    """The paper's recipe for `variant` (vgg_jax/configs/common.py, its one definition), also where
+    ml_collections is not installed: a bare GPU image (bench/gpu.sh) has JAX, Flax, optax and torch only, and
+    the benchmarks then read the recipe into plain attribute dicts."""
+    try:
+        import ml_collections  # noqa: F401
+    except ImportError:
+        import types
+
+        sys.modules["ml_collections"] = types.SimpleNamespace(ConfigDict=_AttributeDict)  # type: ignore[assignment]
+        try:
+            from vgg_jax.configs import common as configs_common
+        finally:
+            del sys.modules["ml_collections"]
+        return configs_common.get_config(variant)
+    from vgg_jax.configs import common as configs_common
+
+    return configs_common.get_config(variant)
+
+
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 

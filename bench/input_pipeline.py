@@ -7,6 +7,9 @@ scikit-learn and scikit-image ship, then times, on the same files and in the sam
   the crop's window (`tf.io.decode_and_crop_jpeg`), rescale+crop in one antialiased `ScaleAndTranslate`;
 - ``tf_fast_bilinear``: the same with ``resize='fast'`` (config.resize_method): plain bilinear of the
   window (no antialiasing), nearest-pixel alignment;
+- ``tf_canvas``: the host's part of ``config.resample_on_device`` (`image_ops.random_window_on_canvas`):
+  the same draws, only the crop's window decoded and placed on a 2 × crop canvas (the accelerator resamples
+  and flips it in the train step; its cost there: bench/step_profile.py --resample-on-device);
 - ``tf_naive``: full decode → `rescale_smaller_side` → random crop → flip (the textbook tf.data way);
 - ``pil``: what a PyTorch DataLoader typically runs: `Image.open().convert('RGB')`, resize smaller side
   to S (bilinear), random crop, flip, to uint8 array; on all cores with one worker process per core.
@@ -69,7 +72,7 @@ def make_images(out_dir: str, count: int, size: tuple[int, int], seed: int = 0) 
 # ------------------------------------------------------------------------------------------ workers
 
 
-def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact") -> list[float]:
+def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact", canvas: int = 0) -> list[float]:
     import tensorflow as tf
 
     tf.config.threading.set_inter_op_parallelism_threads(cores)
@@ -89,6 +92,10 @@ def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact") -> li
     def augment(index, path):
         data = tf.io.read_file(path)
         seed = tf.stack([tf.constant(0, tf.int64), index])
+        if canvas:
+            kwargs = dict(scale_min=smin, scale_max=smax, crop=crop, flip=True, canvas=canvas)
+            placed, geometry, _ = image_ops.random_window_on_canvas(data, seed, **kwargs)
+            return {"image": placed, "geometry": geometry}
         if fast:
             kwargs = dict(scale_min=smin, scale_max=smax, crop=crop, flip=True, resize=resize)
             return image_ops.random_rescaled_crop(data, seed, **kwargs)[0]
@@ -103,7 +110,7 @@ def _tf_worker(paths, args, cores: int, fast: bool, resize: str = "exact") -> li
     for _ in range(args.repeats + 1):
         start, n = time.perf_counter(), 0
         for batch in ds:
-            n += int(batch.shape[0])
+            n += int((batch["image"] if canvas else batch).shape[0])
         rates.append(n / (time.perf_counter() - start))
     return rates[1:]
 
@@ -163,7 +170,8 @@ def _run_worker(args) -> None:
         rates = _pil_worker(paths, args, n)
     else:
         resize = "fast" if args.worker == "tf_fast_bilinear" else "exact"
-        rates = _tf_worker(paths, args, n, fast=args.worker != "tf_naive", resize=resize)
+        canvas = 2 * args.crop if args.worker == "tf_canvas" else 0
+        rates = _tf_worker(paths, args, n, fast=args.worker != "tf_naive", resize=resize, canvas=canvas)
     print("RESULT " + json.dumps({"pipeline": args.worker, "cores": n, "rates": rates}))
 
 
@@ -204,6 +212,11 @@ def components(paths: list[str], repeats: int = 5) -> dict[str, float]:
         seed = tf.constant([0, 1], tf.int64)
         return lambda: image_ops.random_rescaled_crop(data, seed, scale_min=size, scale_max=size, crop=224, flip=True)
 
+    def canvas_op(size):
+        seed = tf.constant([0, 1], tf.int64)
+        kwargs = dict(scale_min=size, scale_max=size, crop=224, flip=True, canvas=448)
+        return lambda: image_ops.random_window_on_canvas(data, seed, **kwargs)[:2]
+
     stages = {
         "decode whole image": lambda: tf.io.decode_jpeg(data, channels=3),
         "decode 330² window": lambda: tf.io.decode_and_crop_jpeg(data, window, channels=3),
@@ -219,6 +232,7 @@ def components(paths: list[str], repeats: int = 5) -> dict[str, float]:
             region[None], [[0.0, 0.0, 0.5, 0.5]], [0], [224, 224]
         ),
         "plain bilinear 330² → 224²": lambda: tf.image.resize(region, [224, 224], antialias=False),
+        "window on a 448² canvas, S = 256 (resample_on_device)": canvas_op(256),
         "whole op, S = 256 (shrinking)": op(256),
         "whole op, S = 512 (enlarging)": op(512),
     }
@@ -245,7 +259,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale_min", type=int, default=256)
     parser.add_argument("--scale_max", type=int, default=512)
     parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--pipelines", default="tf_fast,tf_fast_bilinear,tf_naive,pil")
+    parser.add_argument("--pipelines", default="tf_fast,tf_canvas,tf_fast_bilinear,tf_naive,pil")
     parser.add_argument("--components", action="store_true", help="only time each stage of tf_fast, one thread")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--_worker", dest="worker", default="", help=argparse.SUPPRESS)
@@ -260,7 +274,7 @@ def main(argv=None) -> dict:
         args.num_images, args.repeats, args.batch = 16, 1, 8
         args.scale_min, args.scale_max, args.crop = 64, 96, 56
         size = (120, 90)
-        args.pipelines = "tf_fast,pil"
+        args.pipelines = "tf_fast,tf_canvas,pil"
     all_cores = 1 if args.tiny else len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         args.images = tmp
@@ -287,12 +301,13 @@ def main(argv=None) -> dict:
     summary = {"results": results, "num_images": args.num_images, "image_size": size, "tiny": args.tiny}
     by = {(r["pipeline"], r["cores"]): r["median"] for r in results}
     for cores in sorted({r["cores"] for r in results}):
-        if ("tf_fast", cores) in by and ("pil", cores) in by:
-            speedup = by[("tf_fast", cores)] / by[("pil", cores)]
-            summary[f"speedup_vs_pil_{cores}core"] = speedup
-            quiet = all(r["load"]["quiet"] for r in results if r["cores"] == cores)
-            mark = "" if quiet else " (busy machine: not a measurement)"
-            print(f"tf_fast / pil on {cores} core(s): {speedup:.2f}x{mark}")
+        for pipeline in ("tf_fast", "tf_canvas"):
+            if (pipeline, cores) in by and ("pil", cores) in by:
+                speedup = by[(pipeline, cores)] / by[("pil", cores)]
+                summary[f"{pipeline}_speedup_vs_pil_{cores}core"] = speedup
+                quiet = all(r["load"]["quiet"] for r in results if r["cores"] == cores)
+                mark = "" if quiet else " (busy machine: not a measurement)"
+                print(f"{pipeline} / pil on {cores} core(s): {speedup:.2f}x{mark}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

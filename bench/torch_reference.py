@@ -79,8 +79,8 @@ class Reference:
         self.model = model.train()
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
         generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=torch.uint8)
-        self.images = images.to(self.device)
+        shape = (args.batch, args.image_size, args.image_size, 3)
+        self.images = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device)  # made on the device
         self.labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(self.device)
         self.mean = torch.tensor(MEAN_RGB, device=self.device).view(1, 3, 1, 1)
         self.color_std = 0.1

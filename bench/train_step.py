@@ -60,6 +60,9 @@ CPU_FLAG_VARIANTS: dict[str, str] = {
     "--xla_cpu_experimental_onednn_custom_call=true",
 }
 
+# A common GPU image lacks these; bench/gpu.sh's runs (--bare) must not import them.
+NOT_ON_A_BARE_GPU_BOX = ("tensorflow", "tensorflow_datasets", "ml_collections", "clu")
+
 TINY = dict(
     variant="A", image_size=32, batch=2, width_multiplier=1 / 16, fc_width=32, classes=10, repeats=2, steps=1, warmup=1
 )
@@ -72,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=128, help="crop side, a multiple of 32")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", action="store_true", help="config.remat: recompute the conv blocks")
+    parser.add_argument(
+        "--resample-on-device", action="store_true", help="config.resample_on_device: canvases in, crops resampled"
+    )
     parser.add_argument("--width-multiplier", type=float, default=1.0)
     parser.add_argument("--fc-width", type=int, default=4096)
     parser.add_argument("--classes", type=int, default=1000)
@@ -88,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="run every CPU_FLAG_VARIANTS entry in its own process")
     parser.add_argument("--only", default="", help="with --sweep: comma-separated indices of the variants to run")
     parser.add_argument("--json", default="", help="also write the result as JSON to this file")
+    parser.add_argument(
+        "--bare", action="store_true", help="fail if TensorFlow, TFDS, ml_collections or clu got imported"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
@@ -96,9 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace):
-    from vgg_jax.configs import common as configs_common
-
-    config = configs_common.get_config(args.variant)
+    config = common.paper_config(args.variant)
     config.crop_size = args.image_size
     config.scale_min = config.scale_max = config.eval_scale = max(args.image_size, 256)
     config.compute_dtype = args.dtype
@@ -111,9 +118,13 @@ def make_config(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace):
-    """(jitted step, state, batch, key, analytic FLOPs per image) exactly as train.py builds them."""
+    """(jitted step, state, batch, key) exactly as train.py builds them; the synthetic batch is made on the device.
+
+    With ``--resample-on-device`` the batch is what ``config.resample_on_device`` sends: decoded windows on
+    2 × crop canvases and their geometry (a 334² window resampled to the crop, as at S = 256 from a
+    500×375 image; every other image flipped).
+    """
     import jax
-    import numpy as np
 
     from vgg_jax import models, optim, steps
 
@@ -121,13 +132,27 @@ def build(args: argparse.Namespace):
     model = models.from_config(config)
     tx = optim.create_optimizer(config, steps_per_epoch=1000)
     state = steps.create_train_state(config, model, tx, optim.PlateauControl(config))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8),
-        "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32),
-    }
     step = jax.jit(steps.make_train_step(config, model, tx), donate_argnums=(0,))
-    return step, state, batch, jax.random.key(0)
+    return step, state, synthetic_batch(args), jax.random.key(0)
+
+
+def synthetic_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """Random uint8 images and labels, generated on the default device (nothing crosses the host link)."""
+    import jax
+    import jax.numpy as jnp
+
+    side = 2 * args.image_size if args.resample_on_device else args.image_size
+    image_key, label_key = jax.random.split(jax.random.key(1))
+    batch = {
+        "image": jax.jit(lambda k: jax.random.bits(k, (args.batch, side, side, 3), jnp.uint8))(image_key),
+        "label": jax.random.randint(label_key, (args.batch,), 0, args.classes, jnp.int32),
+    }
+    if args.resample_on_device:
+        window = round(args.image_size * 375 / 256) - 4  # inside the canvas, the filter's margin included
+        scale = args.image_size / (window - 6)
+        row = [scale, scale, -3.0 * scale, -3.0 * scale, window, window]
+        batch["geometry"] = jnp.asarray([row + [float(i % 2)] for i in range(args.batch)], jnp.float32)
+    return batch
 
 
 def _cost(analysis: Any) -> dict[str, float]:
@@ -157,10 +182,7 @@ def flop_check(args: argparse.Namespace, compile_step: bool = True) -> dict[str,
         opt_state=jax.eval_shape(tx.init, params),
         plateau=jax.eval_shape(optim.PlateauControl(config).init),
     )
-    batch = {
-        "image": jax.ShapeDtypeStruct((args.batch, args.image_size, args.image_size, 3), jax.numpy.uint8),
-        "label": jax.ShapeDtypeStruct((args.batch,), jax.numpy.int32),
-    }
+    batch = jax.eval_shape(lambda: synthetic_batch(args))
     key = jax.eval_shape(lambda: jax.random.key(0))
     start = time.perf_counter()
     lowered = jax.jit(steps.make_train_step(config, model, tx), donate_argnums=(0,)).lower(state, batch, key)
@@ -266,7 +288,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     device = jax.devices()[0]
     result: dict[str, Any] = {
-        "config": {k: getattr(args, k) for k in ("variant", "batch", "image_size", "dtype", "remat")}
+        "config": {
+            k: getattr(args, k) for k in ("variant", "batch", "image_size", "dtype", "remat", "resample_on_device")
+        }
         | {"width_multiplier": args.width_multiplier, "fc_width": args.fc_width, "classes": args.classes},
         "device": f"{device.platform}: {device.device_kind}",
         "jax": jax.__version__,
@@ -283,7 +307,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result |= _memory_fields(compiled, args.batch)
 
         state = jax.device_put(host_state)
-        batch = jax.device_put(batch)
         for _ in range(args.warmup):
             state, metrics = compiled(state, batch, key)
         jax.block_until_ready(state)
@@ -339,6 +362,7 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"VGG-{c['variant']} {c['image_size']}px batch {c['batch']} {c['dtype']}"
         + (" remat" if c["remat"] else "")
+        + (" resampling on device" if c.get("resample_on_device") else "")
         + (f" width×{c['width_multiplier']:g}" if c["width_multiplier"] != 1 else "")
         + f" on {result['device']} (jax {result['jax']}; XLA_FLAGS={result['xla_flags']!r})",
         f"  ours:    {result['step_s'] * 1e3:9.1f} ms/step  {result['images_per_s']:9.2f} images/s  "
@@ -434,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
         print(report(result), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+    leaked = sorted(name for name in NOT_ON_A_BARE_GPU_BOX if name in sys.modules)
+    if args.bare and leaked:
+        sys.exit(f"--bare: {leaked} got imported; a bare GPU box (bench/gpu.sh) does not have them")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # fast model building; an 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch_vgg  # noqa: E402
 
 import vgg_jax  # noqa: E402
 from vgg_jax import convert, models, perceptual, preprocess, weight_formats  # noqa: E402
@@ -152,43 +153,9 @@ def test_keras_notop_converts_and_foreign_files_are_clear_errors(keras_files, tm
 
 
 def _torch_vgg(torch, variant, width_multiplier, fc_width, num_classes, window):
-    """torchvision's VGG layout built by hand: features (Conv2d, ReLU, …, MaxPool2d), avgpool, classifier 0/3/6."""
-    nn = torch.nn
-    widths = models.VGG(variant=variant, width_multiplier=width_multiplier).conv_widths()
-    layers, channels = [], 3
-    for kernels, width in zip(models._KERNELS[variant], widths, strict=True):
-        for _ in kernels:
-            layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-            channels = width
-        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-
-    class VGG(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(*layers)
-            self.avgpool = nn.AdaptiveAvgPool2d((window, window))
-            self.classifier = nn.Sequential(
-                nn.Linear(channels * window * window, fc_width),
-                nn.ReLU(True),
-                nn.Dropout(),
-                nn.Linear(fc_width, fc_width),
-                nn.ReLU(True),
-                nn.Dropout(),
-                nn.Linear(fc_width, num_classes),
-            )
-
-        def forward(self, x):
-            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-    return VGG().eval()
-
-
-def _torchvision_normalise(torch, images):
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(weight_formats.TORCHVISION_MEAN, np.float32)) / np.asarray(
-        weight_formats.TORCHVISION_STD, np.float32
+    return torch_vgg.torchvision_vgg(
+        torch, variant, width_multiplier=width_multiplier, fc_width=fc_width, num_classes=num_classes, window=window
     )
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 @pytest.mark.parametrize(
@@ -208,7 +175,7 @@ def test_torchvision_parity(tmp_path, variant, width_multiplier, crop):
     np.testing.assert_allclose(config.mean_rgb, 255 * np.asarray(weight_formats.TORCHVISION_MEAN), rtol=1e-6)
     images = np.random.default_rng(1).integers(0, 256, (2, crop, crop, 3), dtype=np.uint8)
     with torch.no_grad():
-        theirs = net(_torchvision_normalise(torch, images)).numpy()
+        theirs = net(torch_vgg.normalise(torch, images)).numpy()
     _assert_logits_close(vgg_jax.load(str(out)).logits(images), theirs)
 
 

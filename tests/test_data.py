@@ -428,7 +428,7 @@ def test_bench_tiny(tmp_path):
     spec.loader.exec_module(bench)
     summary = bench.main(["--tiny", f"--json={tmp_path / 'bench.json'}"])
     rates = {r["pipeline"]: r["median"] for r in summary["results"]}
-    assert set(rates) == {"tf_fast", "pil"} and min(rates.values()) > 0
+    assert set(rates) == {"tf_fast", "tf_canvas", "pil"} and min(rates.values()) > 0
     assert (tmp_path / "bench.json").exists()
     assert all("foreign_cores" in r["load"] for r in summary["results"])  # each row says how busy the machine was
 
@@ -439,5 +439,6 @@ def test_bench_components_time_each_stage():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.rsplit(None, 2) for line in run.stdout.splitlines() if line.endswith(" ms")]
     times = {name.strip(): float(value) for name, value, _ in rows}
-    assert len(times) == 7 and all(t > 0 for t in times.values())
+    assert len(times) == 8 and all(t > 0 for t in times.values())
     assert times["decode 330² window"] < times["whole op, S = 256 (shrinking)"]
+    assert "window on a 448² canvas, S = 256 (resample_on_device)" in times

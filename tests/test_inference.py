@@ -96,7 +96,9 @@ def test_batches_are_chunked_without_changing_results(run_dir, classifier):
     images = _images(7, 32, seed=3)
     small = vgg_jax.load(run_dir[0])
     small.batch_size = 3  # 3 + 3 + 1 (padded)
-    np.testing.assert_allclose(small.logits(images), classifier.logits(images), rtol=1e-5, atol=1e-6)
+    expected = classifier.logits(images)
+    # Another batch size changes XLA's reduction order: float32 rounding, relative to the logits' scale.
+    np.testing.assert_allclose(small.logits(images), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_predict_top_k(classifier):

@@ -2,8 +2,9 @@
 
 The package is built into a wheel from a copy of this checkout and installed
 (without dependencies, offline) into a fresh virtual environment that sees the
-already-installed dependencies; every command then runs from an unrelated
-directory with relative paths, where no `configs/` folder exists.
+dependencies of the environment running the tests (a venv or the system
+Python); every command then runs from an unrelated directory with relative
+paths, where no `configs/` folder exists.
 """
 
 import json
@@ -11,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import sysconfig
 
 import numpy as np
 import pytest
@@ -55,8 +57,20 @@ def installed(tmp_path_factory):
         capture_output=True,
     )
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # The dependencies are those of the environment running the tests (a reader's venv or the system Python):
+    # `--system-site-packages` would see the base interpreter's packages instead, without flax in a venv.
+    # A .pth file lists this environment's site directories after the new venv's own, so the wheel
+    # installed there is the vgg_jax imported (an editable install's finder is not loaded from a plain path).
+    site_dirs = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    new_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (pathlib.Path(new_site) / "outer_environment.pth").write_text("\n".join(site_dirs) + "\n")
     wheel = next(wheels.glob("vgg_jax-*.whl"))
     subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
@@ -90,7 +104,8 @@ def test_the_installed_package_is_the_one_imported(installed):
 def test_installed_package_trains_two_demo_steps_from_another_directory(installed):
     python, elsewhere = installed
     assert not (elsewhere / "configs").exists()
-    args = ["--config=configs/e.py:demo", "--config.num_train_steps=2", "--config.eval_every_steps=2"]
+    narrow = ["--config.model.width_multiplier=0.0625", "--config.model.fc_width=16", "--config.global_batch_size=8"]
+    args = ["--config=configs/e.py:demo", "--config.num_train_steps=2", "--config.eval_every_steps=2", *narrow]
     result = _run(python, elsewhere, "-m", "vgg_jax.main", *args, "--workdir=runs/two_steps")
     assert result.returncode == 0, result.stderr[-3000:]
     workdir = elsewhere / "runs" / "two_steps"

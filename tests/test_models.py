@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import models
+from vgg_jax import layers, models
 from vgg_jax.models import VARIANTS, VGG
 
 PAPER_COUNTS = {
@@ -75,7 +75,7 @@ def test_a_lrn_output_differs_from_a_with_same_params():
     kwargs = dict(num_classes=5, width_multiplier=1 / 16, fc_width=16, crop_size=32)
     params = VGG(variant="A", **kwargs).init(jax.random.key(0), x)
     norm = VGG(variant="A-LRN", **kwargs).apply(params, x, outputs=["relu1_1", "norm1"])
-    expected = models.local_response_norm(norm["relu1_1"])
+    expected = layers.local_response_norm(norm["relu1_1"])
     np.testing.assert_allclose(norm["norm1"], expected, rtol=1e-6)
     assert not np.allclose(norm["norm1"], norm["relu1_1"])
 
@@ -94,7 +94,7 @@ def _lrn_numpy(a, size=5, k=2.0, alpha=1e-4, beta=0.75, alpha_over_size=False):
 @pytest.mark.parametrize("alpha_over_size", [False, True])
 def test_lrn_matches_numpy_formula(alpha_over_size):
     a = np.asarray(jax.random.normal(jax.random.key(3), (2, 4, 5, 11)) * 30, np.float64)
-    got = models.local_response_norm(jnp.asarray(a, jnp.float32), alpha_over_size=alpha_over_size)
+    got = layers.local_response_norm(jnp.asarray(a, jnp.float32), alpha_over_size=alpha_over_size)
     np.testing.assert_allclose(got, _lrn_numpy(a, alpha_over_size=alpha_over_size), rtol=1e-5)
     # The two conventions genuinely differ on this input.
     other = _lrn_numpy(a, alpha_over_size=not alpha_over_size)
@@ -238,3 +238,38 @@ def test_remat_keeps_names_and_gradients_and_recomputes_blocks():
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
     assert str(jax.make_jaxpr(jax.grad(loss(remat)))(params)).count("remat") >= 5  # a region per block
     assert "remat" not in str(jax.make_jaxpr(jax.grad(loss(plain)))(params))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_equals_flax_max_pool_value_and_gradient(shape):
+    """The strided-maxima pool and its mask gradient are flax's 2×2/2 'VALID' max-pool, ties included
+    (the first pixel of a window in row-major order takes the gradient), odd sizes floored."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.round(rng.normal(size=shape) * 2), jnp.float32)  # rounded: many ties
+    x = x.at[0, 0, :2, 0].set(-jnp.inf)  # Caffe's ceil-mode padding value
+    weights = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+
+    def flax_pool(v):
+        return nn.max_pool(v, (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(layers.max_pool_2x2(x), flax_pool(x))
+    ours = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := layers.max_pool_2x2(v)), 0, p) * weights))(x)
+    theirs = jax.grad(lambda v: jnp.sum(jnp.where(jnp.isinf(p := flax_pool(v)), 0, p) * weights))(x)
+    np.testing.assert_array_equal(ours, theirs)
+    assert float(jnp.sum(ours != 0)) <= weights.size  # one pixel per window at most
+
+
+def test_sliding_patches_times_the_kernel_is_the_valid_convolution():
+    """Dense fc6 (paper §3.2): each k×k patch in the kernel's row order times the fc kernel = the k×k conv."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 6, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3 * 3 * 4, 5)), jnp.float32)
+    conv = jax.lax.conv_general_dilated(
+        x, kernel.reshape(3, 3, 4, 5), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    patches = layers.sliding_patches(x, 3)
+    assert patches.shape == (2, 4, 7, 36)
+    np.testing.assert_allclose(patches @ kernel, conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layers.sliding_patches(x, 1), x)

@@ -58,41 +58,49 @@ def _logs(log_dir):
     return "\n".join(p.read_text()[-2000:] for p in sorted(pathlib.Path(log_dir).glob("*.log")))
 
 
-@pytest.mark.xdist_group("multihost")
-def test_two_processes_equal_one_process_with_four_devices(tmp_path):
-    two = launch(2, 2, tmp_path / "two", log_dir=tmp_path / "two_logs")
-    assert two.returncode == 0, _logs(tmp_path / "two_logs")
-    one = launch(1, 4, tmp_path / "one", log_dir=tmp_path / "one_logs")
-    assert one.returncode == 0, _logs(tmp_path / "one_logs")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 4 steps three ways: 2 processes × 2 devices; 1 × 4; 2 × 2 stopped at step 2 and resumed."""
+    root = tmp_path_factory.mktemp("multihost")
+    for name, processes, devices, *extra in (
+        ("two", 2, 2),
+        ("one", 1, 4),
+        ("first", 2, 2, "--config.stop_after_steps=2"),
+        ("second", 2, 2),
+    ):
+        workdir = root / ("resumed" if name in ("first", "second") else name)
+        result = launch(processes, devices, workdir, *extra, log_dir=root / f"{name}_logs")
+        assert result.returncode == 0, _logs(root / f"{name}_logs")
+        if name == "first":
+            assert checkpoints.resolve_step(str(workdir)) == 2
+    return root
 
-    a, _, step_a = checkpoints.restore_params(str(tmp_path / "two"))
-    b, _, step_b = checkpoints.restore_params(str(tmp_path / "one"))
+
+@pytest.mark.xdist_group("multihost")
+def test_two_processes_equal_one_process_with_four_devices(runs):
+    a, _, step_a = checkpoints.restore_params(str(runs / "two"))
+    b, _, step_b = checkpoints.restore_params(str(runs / "one"))
     assert step_a == step_b == 4
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), a, b)
     # Every process ended with the same parameters.
-    sums = checksums(tmp_path / "two_logs")
+    sums = checksums(runs / "two_logs")
     assert set(sums) == {0, 1}
     assert sums[0] == sums[1]
     # Only process 0 wrote metrics.
-    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len([row for row in rows if row["split"] != "train"]) == 1
 
 
 @pytest.mark.xdist_group("multihost")
-def test_two_process_run_stopped_half_way_resumes_to_the_same_parameters(tmp_path):
-    straight = launch(2, 1, tmp_path / "straight", log_dir=tmp_path / "straight_logs")
-    assert straight.returncode == 0, _logs(tmp_path / "straight_logs")
-    first = launch(2, 1, tmp_path / "resumed", "--config.stop_after_steps=2", log_dir=tmp_path / "first_logs")
-    assert first.returncode == 0, _logs(tmp_path / "first_logs")
-    assert checkpoints.resolve_step(str(tmp_path / "resumed")) == 2
-    second = launch(2, 1, tmp_path / "resumed", log_dir=tmp_path / "second_logs")
-    assert second.returncode == 0, _logs(tmp_path / "second_logs")
-    assert "resumed from" in (tmp_path / "second_logs" / "process_0.log").read_text()
-    a, _, _ = checkpoints.restore_params(str(tmp_path / "straight"))
-    b, _, _ = checkpoints.restore_params(str(tmp_path / "resumed"))
+def test_two_process_run_stopped_half_way_resumes_to_the_same_parameters(runs):
+    assert "resumed from" in (runs / "second_logs" / "process_0.log").read_text()
+    a, _, _ = checkpoints.restore_params(str(runs / "two"))
+    b, _, step = checkpoints.restore_params(str(runs / "resumed"))
+    assert step == 4
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # waits out heartbeats / a preemption across hosts; the fast tier resumes a 2-host run
 @pytest.mark.xdist_group("multihost")
 def test_killing_one_process_makes_the_other_fail_within_the_heartbeat_bound(tmp_path):
     heartbeat = 10
@@ -164,6 +172,7 @@ def _start_two(tmp_path, *extra):
     return procs, logs
 
 
+@pytest.mark.slow  # waits out heartbeats / a preemption across hosts; the fast tier resumes a 2-host run
 @pytest.mark.xdist_group("multihost")
 def test_sigterm_to_one_host_stops_both_at_the_same_saved_step(tmp_path):
     procs, logs = _start_two(

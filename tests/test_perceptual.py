@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch_vgg
 
 from vgg_jax import models, perceptual, weight_formats
 
@@ -32,103 +33,33 @@ def _assert_close(ours, theirs, name, rtol=1e-4):
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
-# torchvision runs in a subprocess: imported after TensorFlow (which the Keras tests load) it can crash the
-# process (seen with torch 2.14 + torchvision 0.29 CUDA wheels: a segfault importing triton).
-_TORCH_SIDE = r"""
-import sys
-import numpy as np
-try:
-    import torch
-    import torchvision
-except Exception as error:  # noqa: BLE001 (a torchvision built for another torch raises RuntimeError)
-    print(f"SKIP {type(error).__name__}: {error}")
-    sys.exit(0)
-inputs = dict(np.load(sys.argv[1]))
-name, seed, layers = sys.argv[3], int(sys.argv[4]), sys.argv[5].split(",")
-torch.manual_seed(seed)
-net = getattr(torchvision.models, name)(weights=None).eval()  # torchvision's own VGG, random weights
-# A narrow head with torchvision's keys (classifier.0/3/6): the features are under test, not 120 M fc weights.
-fc = torch.nn.Linear
-net.classifier = torch.nn.Sequential(fc(512 * 7 * 7, 8), torch.nn.ReLU(), torch.nn.Dropout(), fc(8, 8),
-                                     torch.nn.ReLU(), torch.nn.Dropout(), fc(8, 3))
-with torch.no_grad():
-    for module in net.features:
-        if isinstance(module, torch.nn.Conv2d):
-            module.bias.normal_(0.0, 0.1)  # its init zeroes biases, which would hide a bias mix-up
-mean, std = inputs["mean"].astype(np.float32), inputs["std"].astype(np.float32)
-
-def normalised(images):
-    return torch.from_numpy(np.ascontiguousarray(((images - mean) / std).transpose(0, 3, 1, 2)))
-
-def features(x):
-    out, block, index = {}, 1, 1
-    for module in net.features:
-        x = module(x)
-        if isinstance(module, torch.nn.Conv2d):
-            layer = f"conv{block}_{index}"
-        elif isinstance(module, torch.nn.ReLU):
-            layer, index = f"relu{block}_{index}", index + 1
-        else:
-            layer, block, index = f"pool{block}", block + 1, 1
-        out[layer] = x.clone()  # torchvision's ReLUs are in place: keep the pre-activation as it was
-    return out
-
-def gram(f):  # (N, C, H, W) -> sum of outer products / (C H W)
-    n, c, h, w = f.shape
-    flat = f.reshape(n, c, h * w)
-    return flat @ flat.transpose(1, 2) / (c * h * w)
-
-result = {f"state/{k}": v.numpy() for k, v in net.state_dict().items()}
-x = normalised(inputs["x"]).requires_grad_(True)
-fx = features(x)
-result.update({f"features/{k}": v.detach().numpy().transpose(0, 2, 3, 1) for k, v in fx.items()})
-if "y" in inputs:
-    with torch.no_grad():
-        fy = features(normalised(inputs["y"]))
-    style = sum(((gram(fx[k]) - gram(fy[k])) ** 2).sum(dim=(1, 2)).mean() for k in layers)
-    loss = style + sum(((fx[k] - fy[k]) ** 2).mean() for k in layers)
-    loss.backward()
-    result["loss"] = loss.detach().numpy()
-    result["grad"] = x.grad.numpy().transpose(0, 2, 3, 1) / std  # d/d(image in [0, 1])
-np.savez(sys.argv[2], **result)
-print("OK")
-"""
-
-
-def _run_torchvision(tmp_path, name, seed, layers=(), **images):
-    """torchvision's side in a fresh process: its state dict, features (NHWC), and loss/gradient if y is given."""
-    np.savez(
-        tmp_path / "in.npz",
-        mean=np.asarray(weight_formats.TORCHVISION_MEAN),
-        std=np.asarray(weight_formats.TORCHVISION_STD),
-        **images,
-    )
-    command = [
-        sys.executable,
-        "-c",
-        _TORCH_SIDE,
-        str(tmp_path / "in.npz"),
-        str(tmp_path / "out.npz"),
-        name,
-        str(seed),
-        ",".join(layers),
-    ]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    if run.stdout.startswith("SKIP"):
-        pytest.skip(f"torchvision not usable here: {run.stdout.strip()}")
-    assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
-    out = dict(np.load(tmp_path / "out.npz"))
-    state = {k[len("state/") :]: v for k, v in out.items() if k.startswith("state/")}
-    features = {k[len("features/") :]: v for k, v in out.items() if k.startswith("features/")}
-    return state, features, out
+def _torchvision_side(variant, seed, layers=(), **images):
+    """torchvision's VGG layout in plain PyTorch: its state dict, features (NHWC), and loss/gradient if y is given."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    net = torch_vgg.torchvision_vgg(torch, variant, fc_width=8, num_classes=3)  # the features are under test
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    x = torch_vgg.normalise(torch, images["x"], scale=1.0).requires_grad_(True)
+    fx = torch_vgg.named_features(torch, net, x)
+    result = {"features": {k: torch_vgg.to_nhwc(v) for k, v in fx.items()}}
+    if "y" in images:
+        with torch.no_grad():
+            fy = torch_vgg.named_features(torch, net, torch_vgg.normalise(torch, images["y"], scale=1.0))
+        gram = torch_vgg.gram
+        style = sum(((gram(fx[k]) - gram(fy[k])) ** 2).sum(dim=(1, 2)).mean() for k in layers)
+        loss = style + sum(((fx[k] - fy[k]) ** 2).mean() for k in layers)
+        loss.backward()
+        std = np.asarray(torch_vgg.TORCHVISION_STD, np.float32)
+        result["loss"] = loss.detach().numpy()
+        result["grad"] = x.grad.numpy().transpose(0, 2, 3, 1) / std  # d/d(image in [0, 1])
+    return state, result
 
 
 @pytest.mark.parametrize("name,variant,size", [("vgg16", "D", (40, 72)), ("vgg19", "E", (96, 64))])
 def test_features_match_torchvision_at_every_layer(tmp_path, name, variant, size):
-    pytest.importorskip("torch")
     images = np.random.default_rng(0).random((2, *size, 3), dtype=np.float32)
-    state, theirs, _ = _run_torchvision(tmp_path, name, 0, x=images)
+    state, theirs = _torchvision_side(variant, 0, x=images)
+    theirs = theirs["features"]
     params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state, variant))
     ours_net = perceptual.VGGFeatures(variant=variant, layers=_conv_stage(variant), mean_rgb=TORCHVISION_MEAN_RGB)
     ours = jax.jit(ours_net.__call__)(params, images)
@@ -139,11 +70,10 @@ def test_features_match_torchvision_at_every_layer(tmp_path, name, variant, size
 
 def test_loss_gradients_match_pytorch_autograd(tmp_path):
     """Style + perceptual loss of VGG-19 (Gatys' layers) and its gradient w.r.t. the image, both frameworks."""
-    pytest.importorskip("torch")
     layers = perceptual.PRESETS["gatys_style"].layers
     rng = np.random.default_rng(1)
     x, y = rng.random((2, 48, 40, 3), dtype=np.float32), rng.random((2, 48, 40, 3), dtype=np.float32)
-    state, _, theirs = _run_torchvision(tmp_path, "vgg19", 1, layers, x=x, y=y)
+    state, theirs = _torchvision_side("E", 1, layers, x=x, y=y)
     params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state, "E"))
     net = perceptual.VGGFeatures(variant="E", layers=layers, mean_rgb=TORCHVISION_MEAN_RGB)
 
@@ -319,64 +249,36 @@ def test_perceptual_benchmark_tiny_runs(tmp_path):
         np.testing.assert_allclose(result["ours_loss"], result["torch_loss"], rtol=1e-4)
 
 
-_LPIPS_SIDE = r"""
-import sys
-import numpy as np
-try:
-    import lpips
-    import torch
-except Exception as error:  # noqa: BLE001
-    print(f"SKIP {type(error).__name__}: {error}")
-    sys.exit(0)
-inputs = dict(np.load(sys.argv[1]))
-torch.manual_seed(0)
-model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # random VGG-16 trunk, the published lin weights
-with torch.no_grad():
-    for name, parameter in model.net.named_parameters():
-        if name.endswith("bias"):
-            parameter.normal_(0.0, 0.1)
-    x, y = (torch.from_numpy(inputs[k].transpose(0, 3, 1, 2).copy()) for k in ("x", "y"))
-    distance = model(x, y).reshape(-1).numpy()
-state = {"features." + k.split(".", 1)[1]: v.numpy() for k, v in model.net.state_dict().items()}  # sliceK.I.*
-np.savez(sys.argv[2], distance=distance, **{f"state/{k}": v for k, v in state.items()})
-print("OK")
-"""
-
-
 def _full_width_d(seed):
     model = models.VGG(variant="D")
     init = jax.jit(model.init, static_argnames="outputs")
     return init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), outputs=("relu5_3",))["params"]
 
 
-def test_lpips_matches_the_lpips_package(tmp_path):
-    """LPIPS v0.1 (VGG) against the `lpips` package itself: its trunk (random weights), its lin weights."""
-    pytest.importorskip("torch")
+def test_lpips_weights_are_the_lpips_packages():
+    """The shipped lin weights are the lpips package's v0.1 VGG file (sums and first values recorded from it)."""
+    names, weights = perceptual.lpips_weights()
+    assert names == torch_vgg.LPIPS_LAYERS
+    for weight, (total, first) in zip(weights, torch_vgg.LPIPS_V01_VGG_WEIGHTS, strict=True):
+        recorded = [float(np.sum(weight, dtype=np.float64)), float(weight[0])]
+        np.testing.assert_allclose(recorded, [total, first], rtol=1e-6)
+
+
+def test_lpips_matches_the_lpips_formula_in_pytorch():
+    """LPIPS v0.1 (VGG) against the lpips package's formula in PyTorch, on a torchvision-layout VGG-16."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(6)
+    trunk = torch_vgg.torchvision_vgg(torch, "D", fc_width=2, num_classes=3)
+    state = {k: v.numpy() for k, v in trunk.state_dict().items()}
     rng = np.random.default_rng(6)
     x, y = (rng.uniform(-1, 1, (2, 40, 56, 3)).astype(np.float32) for _ in range(2))
-    np.savez(tmp_path / "in.npz", x=x, y=y)
-    command = [sys.executable, "-c", _LPIPS_SIDE, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
-    run = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    )
-    if run.stdout.startswith("SKIP"):
-        pytest.skip(f"the lpips package is not usable here: {run.stdout.strip()}")
-    assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
-    out = dict(np.load(tmp_path / "out.npz"))
-    state = {k[len("state/") :]: v for k, v in out.items() if k.startswith("state/")}
-    head = {  # a tiny classifier: the converter wants torchvision's whole layout
-        "classifier.0.weight": np.zeros((2, 512 * 7 * 7), np.float32),
-        "classifier.0.bias": np.zeros(2, np.float32),
-        "classifier.3.weight": np.zeros((2, 2), np.float32),
-        "classifier.3.bias": np.zeros(2, np.float32),
-        "classifier.6.weight": np.zeros((3, 2), np.float32),
-        "classifier.6.bias": np.zeros(3, np.float32),
-    }
-    params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state | head, "D"))
+    _, weights = perceptual.lpips_weights()
+    theirs = torch_vgg.lpips_distance(torch, trunk, [np.asarray(w) for w in weights], x, y)
+    params = perceptual.conv_params(weight_formats.from_torchvision_state_dict(state, "D"))
     net = perceptual.VGGFeatures(
         variant="D", layers=perceptual.PRESETS["lpips"].layers, mean_rgb=TORCHVISION_MEAN_RGB, input_range="[-1,1]"
     )
-    _assert_close(jax.jit(perceptual.lpips, static_argnums=0)(net, params, x, y), out["distance"], "lpips", rtol=1e-4)
+    _assert_close(jax.jit(perceptual.lpips, static_argnums=0)(net, params, x, y), theirs, "lpips", rtol=1e-4)
 
 
 def test_lpips_properties_and_checks():

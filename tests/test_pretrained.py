@@ -16,6 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 import weight_files
+from markdown_blocks import DOCS, code_blocks
 from safetensors.numpy import save_file
 
 import vgg_jax
@@ -197,12 +198,16 @@ def test_concurrent_first_calls_convert_once(files, tmp_path):
 
 
 def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
-    """The README's "Pretrained weights and features" code, against a cache filled from a local server
-    (random weights in the published layouts), with the server stopped: the offline path users get."""
+    """The README's "Pretrained weights and features" code and docs/pretrained.md's, against a cache filled
+    from a local server (random weights in the published layouts), with the server stopped: the offline path
+    users get."""
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Pretrained weights and features", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert blocks, "no Python example in the README section"
+    page = code_blocks(DOCS / "pretrained.md", "python")
+    assert page, "no Python example in docs/pretrained.md"
+    blocks += page
     monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
     with weight_files.serve(files["root"]) as server:
         monkeypatch.setenv(pretrained.URL_ENV, server.url)

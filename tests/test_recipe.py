@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import models, optim, preprocess, protocols
+from vgg_jax import layers, models, optim, preprocess, protocols
 from vgg_jax.configs import common
 from vgg_jax.evaluation.protocol import TestProtocol
 
@@ -100,12 +100,12 @@ def test_warm_start_layers_from_net_a():
 
 def test_lrn_constants():
     """§2.2 (Krizhevsky et al.): k=2, n=5, α=1e-4, β=0.75, AlexNet's α (not Caffe's α/n) by default."""
-    defaults = {k: v.default for k, v in inspect.signature(models.local_response_norm).parameters.items()}
+    defaults = {k: v.default for k, v in inspect.signature(layers.local_response_norm).parameters.items()}
     assert (defaults["size"], defaults["k"], defaults["alpha"], defaults["beta"]) == (5, 2.0, 1e-4, 0.75)
     assert defaults["alpha_over_size"] is False and common.get_config("A-LRN").model.lrn_alpha_over_size is False
     x = jnp.full((1, 1, 1, 5), 10.0)
     expected = 10.0 / (2.0 + 1e-4 * 3 * 100.0) ** 0.75  # channel 0 sees channels 0-2 (window clipped)
-    np.testing.assert_allclose(models.local_response_norm(x)[0, 0, 0, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(layers.local_response_norm(x)[0, 0, 0, 0], expected, rtol=1e-6)
 
 
 def test_initialisation_normal_0_01_and_zero_biases(config):
@@ -203,7 +203,7 @@ def test_lrn_sits_after_conv1_1_relu_and_before_pool1():
     params = jax.jit(model.init)(jax.random.key(0), x)
     acts = jax.jit(lambda p: model.apply(p, x, outputs=names))(params)
     np.testing.assert_allclose(acts["relu1_1"], jnp.maximum(acts["conv1_1"], 0), rtol=1e-6)
-    np.testing.assert_allclose(acts["norm1"], models.local_response_norm(acts["relu1_1"]), rtol=1e-5)
+    np.testing.assert_allclose(acts["norm1"], layers.local_response_norm(acts["relu1_1"]), rtol=1e-5)
     pooled = nn.max_pool(acts["norm1"], (2, 2), strides=(2, 2))
     np.testing.assert_allclose(acts["pool1"], pooled, rtol=1e-6)
     assert models.feature_names("A-LRN")[:4] == ["conv1_1", "relu1_1", "norm1", "pool1"]

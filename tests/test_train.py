@@ -10,6 +10,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 
@@ -213,6 +214,23 @@ def test_update_statistics_are_the_norms_of_the_step():
     np.testing.assert_allclose(stats["update_ratio/conv1_1"], 0.2 / 4.0, rtol=1e-6)
     np.testing.assert_allclose(stats["update_ratio/fc8"], 0.1, rtol=1e-6)
     assert set(optim.update_statistics(grads, updates, params)) == {"grad_norm", "update_ratio"}
+
+
+def test_update_norm_from_the_momentum_is_the_norm_of_the_updates():
+    """The train step takes ‖update‖ from the new momentum (−rate × trace): the same number, two steps in."""
+    config = common.get_config("A")
+    tx = optim.create_optimizer(config, steps_per_epoch=10)
+    params = {"conv1_1": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)}, "fc8": {"kernel": jnp.ones((3,))}}
+    state = optim.with_learning_rate(tx.init(params), 0.03)
+    for scale in (1.0, -2.5):
+        grads = jax.tree_util.tree_map(
+            lambda x, s=scale: s * jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape), params
+        )
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(optim.update_norm(state), optim.global_norm(updates), rtol=1e-6)
+    stats = optim.update_statistics(grads, updates, params, update_size=optim.update_norm(state))
+    np.testing.assert_allclose(stats["update_ratio"], optim.global_norm(updates) / optim.global_norm(params), rtol=1e-6)
 
 
 def test_plateau_lowers_the_rate_inside_training(tmp_path):

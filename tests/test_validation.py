@@ -42,6 +42,8 @@ BAD = {
     "dense_pooling": ["round", "Ceil", None, 1],
     "resize_method": ["bilinear", None],
     "random_flip": ["True", 1],
+    "resample_on_device": ["yes", 1],
+    "resample_canvas": [-1, 1.5],
     "color_shift_std": [-0.1, "0.1"],
     "mean_rgb": [(1.0, 2.0), (1, 2, 300), "123", (1, 2, "3")],
     "shuffle_buffer": [0, 1.5],

@@ -12,6 +12,13 @@ A run directory (a training workdir, or what `convert.py` writes) holds::
                          converted weights), 'meta' (JSON: step, epoch and the
                          validation metrics that picked the best checkpoint)
 
+A step that no longer restores (a data file cut short or missing: a full
+disk, a dead node, an interrupted copy) is passed over: resuming takes the
+newest step that restores completely and moves the damaged newer ones to
+``damaged_checkpoints/`` (never deletes them); `restore_params` (loading,
+evaluation, warm start) does the same for 'latest'/'best' without touching
+the run; an explicit damaged step is an error naming it.
+
 Warm start copies named layers from another run into freshly initialised
 parameters: net A → B…E (conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8),
 S=256 → S=384 and S=384 → jittered S (all layers).
@@ -19,6 +26,7 @@ S=256 → S=384 and S=384 → jittered S (all layers).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import console
+from vgg_jax import checkpoint_damage, console
 
 CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "class_names.json"
@@ -40,6 +48,25 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "top1_error"
 # Orbax writes a step to `<step>.orbax-checkpoint-tmp-<time>` and renames it when complete.
 UNFINISHED_MARK = ".orbax-checkpoint-tmp"
+CheckpointError = checkpoint_damage.CheckpointError
+
+
+def parse_step(step: int | str | None) -> int | str:
+    """None/'latest' → 'latest' (the newest), 'best', or a step number (an int or its digits); else a ValueError."""
+    if step is None or step in ("latest", "best"):
+        return step or "latest"
+    if isinstance(step, int | np.integer) and not isinstance(step, bool) and step >= 0:
+        return int(step)
+    if isinstance(step, str) and step.strip().isdigit():
+        return int(step)
+    raise ValueError(f"{step!r} is not a checkpoint step; expected 'latest', 'best' or a step number such as 1200")
+
+
+def write_atomically(path: epath.Path, text: str) -> None:
+    """Writes `text` to a temporary file and renames it over `path`: a kill leaves the old file or the new one."""
+    temporary = path.parent / (path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
@@ -48,7 +75,7 @@ def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
         return
     path = epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_atomically(path / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
@@ -58,7 +85,13 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
             f"{path} not found: {directory!r} is not a vgg_jax run directory "
             "(a training workdir or the output of `python -m vgg_jax.convert`)"
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is damaged ({error}): restore it from a copy, or from the last row of "
+            f"{epath.Path(directory) / 'config_history.jsonl'} (its 'config' field)"
+        ) from None
 
 
 def create_manager(
@@ -112,7 +145,25 @@ def save(
     items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta)))
     if train_state is not None:
         items["train_state"] = ocp.args.StandardSave(train_state)
-    return manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None, force=force)
+    try:
+        return manager.save(
+            step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None, force=force
+        )
+    except Exception as error:  # Orbax reports an earlier asynchronous save's failure here too
+        raise checkpoint_damage.write_error(manager, step, error) from error
+
+
+def finish_saves(manager: ocp.CheckpointManager, *, close: bool = False) -> None:
+    """Waits for the asynchronous saves (and closes the manager); a failed save (a full disk, lost permissions)
+    is one `CheckpointError`, raised after closing (Orbax's close would otherwise raise it again)."""
+    failure = None
+    for finish in (manager.wait_until_finished, manager.close) if close else (manager.wait_until_finished,):
+        try:
+            finish()
+        except Exception as error:
+            failure = failure or error
+    if failure is not None:
+        raise checkpoint_damage.write_error(manager, None, failure) from failure
 
 
 # The parts of the train state besides the parameters, saved together as the 'train_state' item.
@@ -142,24 +193,33 @@ def save_train_state(
 def restore_train_state(
     manager: ocp.CheckpointManager, like: Any, sharding: Any, step: int | None = None
 ) -> Any | None:
-    """The train state saved at `step` (default: the latest), shaped like `like` and placed with `sharding`.
+    """The train state saved at `step` (default: the newest that restores), shaped like `like`, placed with `sharding`.
 
     None when nothing is saved. `like` is a train state (a flax dataclass with params and
     `TRAIN_STATE_FIELDS`, on the host or on device); the result is `like.replace(...)` with the restored
-    values, so resuming needs no knowledge of the state's class here.
+    values, so resuming needs no knowledge of the state's class here. With `step=None`, newer steps that do
+    not restore on every process are moved to ``damaged_checkpoints/`` (logged); none restoring is a
+    `CheckpointError` listing what was tried.
     """
-    latest = manager.latest_step() if step is None else step
-    if latest is None:
-        return None
     target = jax.tree_util.tree_map(lambda x: _abstract(x, sharding), like)
-    restored = manager.restore(
-        latest,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target.params),
-            train_state=ocp.args.StandardRestore({name: getattr(target, name) for name in TRAIN_STATE_FIELDS}),
-        ),
+    items = dict(
+        params=ocp.args.StandardRestore(target.params),
+        train_state=ocp.args.StandardRestore({name: getattr(target, name) for name in TRAIN_STATE_FIELDS}),
     )
-    return like.replace(params=restored["params"], **restored["train_state"])
+
+    def restore(candidate: int) -> Any:
+        restored = manager.restore(candidate, args=ocp.args.Composite(**items))
+        return like.replace(params=restored["params"], **restored["train_state"])
+
+    run = manager.directory.parent
+    if step is not None:
+        return checkpoint_damage.restore_or_explain(restore, step, run)
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    resumed, state, damaged = checkpoint_damage.first_restorable(steps, restore, run, everywhere=True)
+    checkpoint_damage.set_aside(manager, damaged, resumed)
+    return state
 
 
 def _abstract(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
@@ -179,9 +239,10 @@ def latest_step(directory: str) -> int | None:
         manager.close()
 
 
-def has_train_state(directory: str, step: int) -> bool:
+def is_training_run(directory: str) -> bool:
     """False for parameters only (what `vgg_jax.convert` writes): nothing to resume training from."""
-    return (epath.Path(directory) / CHECKPOINT_DIR / str(step) / "train_state").exists()
+    root = epath.Path(directory) / CHECKPOINT_DIR
+    return any(child.name.isdigit() and (child / "train_state").exists() for child in root.iterdir())
 
 
 def remove_unfinished_saves(directory: str) -> list[str]:
@@ -205,60 +266,85 @@ def remove_unfinished_saves(directory: str) -> list[str]:
 
 
 def steps_with_meta(directory: str) -> dict[int, dict[str, Any]]:
-    """Every saved step of a run directory and its 'meta' JSON."""
+    """Every saved step of a run directory and its 'meta' JSON ({} where it is missing or damaged)."""
     root = epath.Path(directory) / CHECKPOINT_DIR
     found: dict[int, dict[str, Any]] = {}
     if root.exists():
         for child in root.iterdir():
             meta_file = child / "meta" / "metadata"  # where Orbax's JsonSave writes
-            if child.name.isdigit() and meta_file.exists():
-                found[int(child.name)] = json.loads(meta_file.read_text())
+            if child.name.isdigit():
+                try:
+                    found[int(child.name)] = json.loads(meta_file.read_text())
+                except (OSError, json.JSONDecodeError):
+                    found[int(child.name)] = {}
     return found
 
 
 def resolve_step(directory: str, step: int | str | None = None) -> int:
-    """None/'latest' → the newest step; 'best' → the lowest validation top-1 error; or an int."""
+    """The step `restore_params(directory, step)` restores: None/'latest' → the newest that restores, 'best' → the
+    lowest validation top-1 error that restores, or a saved step number (checked to be saved, not read)."""
     manager = create_manager(directory, read_only=True, async_save=False)
     try:
-        return _resolve_step(manager, directory, step)
+        if isinstance(parse_step(step), int):
+            return _candidates(manager, directory, step)[0]
+        return _first_restorable(manager, directory, step)[0]
     finally:
         manager.close()
 
 
-def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | str | None) -> int:
-    steps = sorted(manager.all_steps())
+def _candidates(manager: ocp.CheckpointManager, directory: str, step: int | str | None) -> list[int]:
+    """The steps to try for `step`, in order: one for a step number; newest (or best) first otherwise."""
+    wanted = parse_step(step)
+    steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(str(directory), CHECKPOINT_DIR)}")
-    if step is None or step == "latest":
-        return steps[-1]
-    if step == "best":
+    if wanted == "latest":
+        return steps
+    if wanted == "best":
         metas = steps_with_meta(directory)
-        ranked = [(metas[s][BEST_METRIC], -s) for s in steps if BEST_METRIC in metas.get(s, {})]
+        ranked = sorted((metas[s][BEST_METRIC], -s) for s in steps if BEST_METRIC in metas.get(s, {}))
         if not ranked:
             logging.warning("no checkpoint of %s has a validation error; 'best' falls back to the latest", directory)
-            return steps[-1]
-        return -min(ranked)[1]
-    if int(step) not in steps:
-        raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {steps}")
-    return int(step)
+            return steps
+        return [-negative for _, negative in ranked]
+    if wanted not in steps:
+        raise FileNotFoundError(f"step {wanted} is not saved in {directory}; saved steps: {sorted(steps)}")
+    return [wanted]
+
+
+def _first_restorable(manager: ocp.CheckpointManager, directory: str, step: int | str | None) -> tuple[int, Any]:
+    """(step, params) of the first of `_candidates` that restores; a step asked for by number is the only one tried."""
+    candidates, run = _candidates(manager, directory, step), epath.Path(directory)
+    restore = functools.partial(_restore_params, manager)
+    if isinstance(parse_step(step), int):
+        return candidates[0], checkpoint_damage.restore_or_explain(restore, candidates[0], run)
+    used, params, passed = checkpoint_damage.first_restorable(candidates, restore, run)
+    checkpoint_damage.report_passed_over(passed, run, used)
+    return used, params
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int) -> Any:
+    # Restore onto this process's first device whatever topology saved it (e.g. a multi-host run).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)["params"]
+    target = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata
+    )
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    return jax.tree_util.tree_map(np.asarray, restored["params"])
 
 
 def restore_params(directory: str, step: int | str | None = None) -> tuple[Any, ml_collections.ConfigDict, int]:
-    """(params as NumPy arrays, the run's config, the step restored) — for warm start and inference."""
+    """(params as NumPy arrays, the run's config, the step restored) — for warm start and inference.
+
+    `step`: None/'latest' (the newest step that restores completely), 'best' or a step number (see `parse_step`).
+    """
     config = load_config(directory)
     manager = create_manager(directory, read_only=True, async_save=False)
     try:
-        resolved = _resolve_step(manager, directory, step)
-        # Restore onto this process's first device whatever topology saved it (e.g. a multi-host run).
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        metadata = manager.item_metadata(resolved)["params"]
-        target = jax.tree_util.tree_map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata
-        )
-        restored = manager.restore(resolved, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        resolved, params = _first_restorable(manager, directory, step)
     finally:
         manager.close()
-    params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return params, config, resolved
 
 

@@ -69,7 +69,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from vgg_jax import checkpoints, paths
+from vgg_jax import checkpoints, cli, paths
 from vgg_jax.configs import common as configs_common
 from vgg_jax.preprocess import CAFFE_MEAN_RGB
 from vgg_jax.weight_formats import (
@@ -202,9 +202,12 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+    """The CLI: a bad argument or an unconvertible file ends it with one `error:` line (`vgg_jax.cli`)."""
+    cli.run(lambda: _main(argv), argv=argv)
 
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n")[0])
+
+def _main(argv: Sequence[str] | None) -> None:
+    parser = cli.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument(
         "--weights", required=True, help="Keras .h5/.weights.h5, torchvision .pth/.safetensors or timm .safetensors"

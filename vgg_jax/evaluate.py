@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoints, console, models, parallel, paths
+from vgg_jax import checkpoints, cli, console, models, parallel, paths
 from vgg_jax.evaluation.protocol import CLASSIFICATION_METHODS, TestProtocol
 from vgg_jax.protocols import DENSE_POOLING, fuse_posteriors, topk_errors
 from vgg_jax.runner import run_evaluation
@@ -371,7 +371,7 @@ def _main(argv: Sequence[str]) -> None:
         overrides["data_dir"] = paths.resolve(values.data_dir)
     if values.eval_batch_size:
         overrides["eval_batch_size"] = values.eval_batch_size
-    step: int | str = int(values.step) if values.step.isdigit() else values.step
+    step = cli.argument("--step", checkpoints.parse_step, values.step)
     try:
         protocol = TestProtocol(
             method=values.method,
@@ -399,7 +399,7 @@ def _main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """`python -m vgg_jax.evaluate`: the flags are defined here, not at import (train.py imports this module)."""
-    flags.DEFINE_multi_string("checkpoint", [], "Run directory (config.json + checkpoints/); repeat to fuse nets.")
+    flags.DEFINE_multi_string("checkpoint", None, "Run directory (config.json + checkpoints/); repeat to fuse nets.")
     flags.DEFINE_enum("method", "dense", list(METHODS), "dense, multicrop, both (dense + multi-crop) or center_crop.")
     flags.DEFINE_multi_string(
         "scales",
@@ -434,7 +434,7 @@ def run() -> None:
         "to per-image ~1e-6, bench/RESULTS.md); exact: one compilation per image shape (one process).",
     )
     flags.mark_flag_as_required("checkpoint")
-    app.run(_main)
+    cli.run_absl(_main)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ a class score map over the part of the image the pooling rule says (``pooling``,
 run's ``config.dense_pooling``: the whole image in the paper's configs) that is spatially
 averaged, soft-maxed, and averaged with the posterior of the horizontally flipped image
 (flips="auto": only if the run trained with flips, ``config.random_flip``); with several Q
-the posteriors are averaged over scales. The App. B descriptor is the same with an
-activation map instead of the score map: global average over positions, averaged over the
-image and its flip, then over scales averaged or stacked, and L2-normalised at the end
-(`protocols.combine_scales`; ``normalize_scales=True`` also normalises each scale first, not
-the paper's).
+the posteriors are averaged over scales. The App. B descriptor is the same with an activation
+map instead: averaged over positions, the flip, then scales (or stacked), L2-normalised at the end
+(`protocols.combine_scales`; ``normalize_scales=True`` normalises each scale first, not the paper's).
 """
 
 from __future__ import annotations
@@ -163,6 +161,8 @@ class Classifier:
 
     def _check_images(self, images: Any, *, crop: bool) -> np.ndarray | jax.Array:
         expected = f"(N, {self.crop_size}, {self.crop_size}, 3)" if crop else "(N, H, W, 3)"
+        if isinstance(images, list | tuple) and not images:  # no images: an empty batch, empty results
+            return np.zeros((0, self.crop_size, self.crop_size, 3), np.uint8)
         if isinstance(images, list | tuple):
             shapes = sorted({tuple(np.shape(image)) for image in images})
             if len(shapes) > 1:
@@ -194,6 +194,10 @@ class Classifier:
     def _map(self, fn: Any, images: Any) -> Any:
         """Applies `fn(variables, batch)` in chunks of `batch_size` (the last padded); NumPy (pytree) result."""
         count = len(images)
+        if count == 0:  # an empty batch: empty outputs of the right shapes, nothing run
+            one = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
+            shapes = jax.eval_shape(fn, self._variables, one)
+            return jax.tree_util.tree_map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype), shapes)
         if count <= self.batch_size:
             return jax.tree_util.tree_map(np.asarray, fn(self._variables, jnp.asarray(images)))
         outputs = []
@@ -380,6 +384,10 @@ class Classifier:
         if self.model.box_head == "none" or "loc" not in self.config:
             raise ValueError(f"{self!r} has no box layer (fc8_box): load a localisation run (configs/loc.py)")
         loc = self.config.loc
+        if len(images) == 0:  # no images: an empty result (k per image as asked)
+            k = max(1, min(int(loc.top_k if top_k is None else top_k), self.num_classes))
+            empty = np.zeros((0, k), np.float32)
+            return localise_dense.Localisation(empty.astype(np.int64), empty, np.zeros((0, k, 4), np.float32), None)
         if classifiers is None:
             classifiers = self.default_classifiers()
         classifiers = [classifiers] if isinstance(classifiers, Classifier) else list(classifiers)

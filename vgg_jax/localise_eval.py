@@ -30,7 +30,18 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import inference, localise, localise_dense, localise_train, parallel, paths, progress, protocols
+from vgg_jax import (
+    checkpoints,
+    cli,
+    inference,
+    localise,
+    localise_dense,
+    localise_train,
+    parallel,
+    paths,
+    progress,
+    protocols,
+)
 from vgg_jax.data import boxes
 from vgg_jax.evaluation.protocol import CLASSIFICATION_METHODS, TestProtocol
 
@@ -144,9 +155,8 @@ def report(
     return lines
 
 
-def nets(args: argparse.Namespace) -> tuple[list[Net], list[Net]]:
+def nets(args: argparse.Namespace, step: int | str) -> tuple[list[Net], list[Net]]:
     """The localisation and classification nets, each with its resolved protocol — checked before any work."""
-    step: Any = int(args.step) if args.step.isdigit() else args.step
     localisers = [inference.load(paths.resolve(run), step=step) for run in args.checkpoint]
     classifiers = [inference.load(paths.resolve(run), step=step) for run in args.classifier]
     classifiers = classifiers or localisers[0].default_classifiers()
@@ -163,7 +173,12 @@ def nets(args: argparse.Namespace) -> tuple[list[Net], list[Net]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.localise_eval", description=__doc__.splitlines()[0])
+    """The CLI; returns the exit status (a bad argument or an unusable run: one `error:` line, `vgg_jax.cli`)."""
+    return cli.run(lambda: _main(argv), argv=argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = cli.ArgumentParser(prog="python -m vgg_jax.localise_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", action="append", required=True, help="localisation run(s); several: union")
     parser.add_argument("--scales", action="append", default=[], help="Qs, e.g. 352,384: once, or per --checkpoint")
     parser.add_argument("--classifier", action="append", default=[], help="classification run(s) (default: loc's)")
@@ -176,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="default: config.eval_split")
     parser.add_argument("--max_examples", type=int, default=0, help="protocol 2 on the first N images (0: all)")
     args = parser.parse_args(argv)
+    step = cli.argument("--step", checkpoints.parse_step, args.step)
+    for name, texts in (("--scales", args.scales), ("--classifier_scales", args.classifier_scales)):
+        for text in texts:
+            if text not in ("single", "multi"):  # Qs: one error line naming the flag, before any loading
+                cli.argument(name, cli.integers, text)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parallel.initialize(None)
     try:
-        localisers, classifiers = nets(args)
+        localisers, classifiers = nets(args, step)
         lines = report(
             localisers, classifiers, protocol=args.protocol, split=args.split, max_examples=args.max_examples
         )

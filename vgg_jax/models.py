@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vgg_jax.layers import ceil_mode_pad, local_response_norm, max_pool_2x2, sliding_patches
+
 VARIANTS = ("A", "A-LRN", "B", "C", "D", "E")
 
 # Table 1: conv widths per block, and the kernel size of every conv in each
@@ -114,31 +116,6 @@ def _check_variant(variant: str) -> str:
     return variant
 
 
-def local_response_norm(
-    x: jax.Array,
-    *,
-    size: int = 5,
-    k: float = 2.0,
-    alpha: float = 1e-4,
-    beta: float = 0.75,
-    alpha_over_size: bool = False,
-) -> jax.Array:
-    """Cross-channel LRN of Krizhevsky et al. (2012), used by A-LRN (paper §2.2).
-
-    b_c = a_c / (k + α' Σ_{c'} a_{c'}²)^β, the sum over the `size` channels
-    centred on c (clipped at the edges). The AlexNet paper uses α' = α (the
-    default here); Caffe's LRN layer uses α' = α / size — pass
-    ``alpha_over_size=True`` to match weights trained with Caffe.
-    """
-    half = size // 2
-    channels = x.shape[-1]
-    padded = jnp.pad(jnp.square(x), [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)])
-    # A sum of `size` shifted slices: plain ops that differentiate (and rematerialise) everywhere.
-    squared_sum = sum(padded[..., offset : offset + channels] for offset in range(size))
-    scale = alpha / size if alpha_over_size else alpha
-    return x / jnp.power(k + scale * squared_sum, beta)
-
-
 def _kernel_init(name: str, std: float) -> Any:
     if name == "normal":
         return nn.initializers.normal(stddev=std)
@@ -150,12 +127,14 @@ def _kernel_init(name: str, std: float) -> Any:
 
 
 class FullyConnected(nn.Module):
-    """A dense layer that can also run as the equivalent k×k convolution.
+    """A dense layer that can also run as the equivalent k×k convolution (paper §3.2).
 
     The kernel is stored as ``(window*window*in_channels, features)``; on an
     NHWC input of spatial size `window` this is flatten + matmul, and
-    ``dense=True`` slides the same weights, reshaped to (window, window,
-    in_channels, features), over any larger map.
+    ``dense=True`` slides the same weights over any larger map: each output
+    position's k×k×C patch (in the kernel's row order) times the kernel, one
+    matmul — on XLA:CPU 2.6× faster than the same k×k convolution
+    (bench/RESULTS.md, "Dense fc6"). A 1×1 window is a matmul over the last axis in both modes.
     """
 
     features: int
@@ -177,10 +156,7 @@ class FullyConnected(nn.Module):
         kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
         x = x.astype(self.dtype)
         if dense:
-            conv_kernel = kernel.reshape(self.window, self.window, in_channels, self.features)
-            y = jax.lax.conv_general_dilated(
-                x, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
+            y = sliding_patches(x, self.window) @ kernel
         else:
             y = x.reshape(x.shape[0], -1) @ kernel
         return y + bias
@@ -215,7 +191,7 @@ def _conv_block(
             activations.append(("norm1", x))
     if dense:
         x = ceil_mode_pad(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     activations.append((f"pool{block + 1}", x))
     return x, activations
 
@@ -224,20 +200,6 @@ def _pooled_block(
     module: VGG, x: jax.Array, block: int, channels: int, kernel_init: Any, dense: bool = False
 ) -> jax.Array:
     return _conv_block(module, x, block, channels, kernel_init, dense)[0]
-
-
-def ceil_mode_pad(x: jax.Array) -> jax.Array:
-    """Pads an odd height/width at the bottom/right with −inf, so a 2×2/2 max-pool rounds up (Caffe's ceil mode).
-
-    Dense evaluation only (paper §3.2): the released nets ran fully convolutionally in Caffe, whose
-    pooling covers the last odd row/column, so the score map covers the whole input. Which part of an
-    image is that input is the test protocol's pooling rule (`vgg_jax.protocols.DENSE_POOLING`).
-    Crops (multiples of 32) never need it.
-    """
-    pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
-    if not (pad_h or pad_w):
-        return x
-    return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
 
 
 class VGG(nn.Module):
@@ -417,7 +379,7 @@ def parameter_count(variant: str, num_classes: int = 1000, crop_size: int = 224,
 
 
 def main() -> None:
-    """Prints the Markdown table of parameter counts used in the README."""
+    """Prints the Markdown table of parameter counts in docs/models.md."""
     print("| config | weight layers | parameters |")
     print("|---|---|---|")
     for variant in VARIANTS:

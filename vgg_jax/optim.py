@@ -32,13 +32,15 @@ few steps after each of the (three) rate drops.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from optax import contrib
+
+if TYPE_CHECKING:  # the bench's bare-GPU import path has no ml_collections
+    import ml_collections
 
 
 def weight_decay_mask(params: Any, decay_biases: bool = False) -> Any:
@@ -144,17 +146,34 @@ def lowered(plateau_state: Any, factor: float) -> Any:
     return plateau_state._replace(scale=(scale * factor).astype(scale.dtype))
 
 
-def _norm(tree: Any) -> jax.Array:
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together, in float32 (non-finite if any value is)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def update_statistics(grads: Any, updates: Any, params: Any, per_layer: bool = False) -> dict[str, jax.Array]:
+def update_norm(opt_state: Any) -> jax.Array:
+    """‖update‖ of the step that produced `opt_state`, from its momentum: SGD's update is −rate × trace.
+
+    Cheaper than the norm of the updates themselves: XLA then fuses the update into the parameters'
+    write instead of storing it for a second read (bench/RESULTS.md, "The step's own work").
+    """
+    trace = opt_state.inner_state[1][0].trace
+    return current_learning_rate(opt_state) * global_norm(trace)
+
+
+def update_statistics(
+    grads: Any, updates: Any, params: Any, per_layer: bool = False, update_size: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """What a divergence looks like from inside one step: the gradient's L2 norm and the update's norm
-    relative to the parameters' (the fraction by which the step moves the weights), over the whole net
+    relative to the parameters' (the fraction by which the step moves the weights; the train step passes the
+    parameters after the update, and `update_size`, the update's norm from `update_norm`), over the whole net
     and, with `per_layer`, for each layer's kernel (``grad_norm/conv1_1``, ``update_ratio/conv1_1``, …)."""
-    stats = {"grad_norm": _norm(grads), "update_ratio": _norm(updates) / _norm(params)}
+    size = global_norm(updates) if update_size is None else update_size  # `update_norm` gives it cheaply
+    stats = {"grad_norm": global_norm(grads), "update_ratio": size / global_norm(params)}
     if per_layer:
         for layer in params:
-            stats[f"grad_norm/{layer}"] = _norm(grads[layer]["kernel"])
-            stats[f"update_ratio/{layer}"] = _norm(updates[layer]["kernel"]) / _norm(params[layer]["kernel"])
+            stats[f"grad_norm/{layer}"] = global_norm(grads[layer]["kernel"])
+            stats[f"update_ratio/{layer}"] = global_norm(updates[layer]["kernel"]) / global_norm(
+                params[layer]["kernel"]
+            )
     return stats

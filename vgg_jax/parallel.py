@@ -115,6 +115,28 @@ def barrier(name: str, timeout_seconds: int = 600) -> None:
     _distributed.global_state.client.wait_at_barrier(f"vgg_jax_{name}", timeout_seconds * 1000)
 
 
+_AGREEMENTS = iter(range(1 << 62))  # key-value keys are write-once: each agreement gets fresh ones
+
+
+def agree(name: str, value: bool, timeout_seconds: int = 600) -> bool:
+    """True when `value` is true on every process (over the coordination service's key-value store).
+
+    Every process must call it, in the same order. Like `barrier`, it is not an XLA collective, so a process
+    that is late (or failed to read a file the others read) cannot break one.
+    """
+    if jax.process_count() == 1:
+        return value
+    from jax._src import distributed as _distributed  # no public key-value store on the client exists
+
+    client = _distributed.global_state.client
+    key = f"vgg_jax_agree_{next(_AGREEMENTS)}_{name}"
+    client.key_value_set(f"{key}/{jax.process_index()}", "1" if value else "0")
+    return all(
+        client.blocking_key_value_get(f"{key}/{index}", timeout_seconds * 1000) == "1"
+        for index in range(jax.process_count())
+    )
+
+
 def _already_initialized() -> bool:
     try:
         from jax._src import distributed as _distributed  # no public query exists

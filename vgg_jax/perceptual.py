@@ -29,7 +29,12 @@ Usage::
 convention; its parameters are passed explicitly (close over them, or pass
 ``net`` as a static argument of `jax.jit`). Inputs are float RGB NHWC in a
 declared range (``[0,1]``, ``[-1,1]`` or ``0-255``), mapped to the 0–255 scale
-minus the weights' mean RGB — the input every vgg_jax network takes (converted
+minus the weights' mean RGB. Concrete images that cannot be in that range are
+refused with the range in the message — integer images into a float range,
+values beyond it by more than `RANGE_TOLERANCE` of its span (0–255 images into
+``[0,1]`` would give activations 255× off and a loss that trains nothing) —
+but inside `jax.jit` or `jax.grad` the images are traced and the check is
+skipped. An empty batch gives empty features; its losses are an error — the input every vgg_jax network takes (converted
 weights have their own normalisation folded into conv1_1, see convert.py).
 Only conv-stage activations are used, so any image size works as long as the
 deepest requested layer keeps one pixel after its max-pools. Activations are
@@ -87,6 +92,8 @@ PRESETS: dict[str, LayerSet] = {
 }
 
 INPUT_RANGES: dict[str, tuple[float, float]] = {"[0,1]": (0.0, 1.0), "[-1,1]": (-1.0, 1.0), "0-255": (0.0, 255.0)}
+# Beyond the declared range by more than this fraction of its span is refused; resampling overshoot is allowed.
+RANGE_TOLERANCE = 0.01
 
 Params = Mapping[str, Any]
 Features = dict[str, jax.Array]
@@ -164,9 +171,32 @@ class VGGFeatures:
         images = jnp.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected float RGB images (N, H, W, 3), got shape {images.shape}")
+        self._check_range(images)
         low, high = self.input_range
         x = (images.astype(jnp.float32) - low) * (255.0 / (high - low)) - jnp.asarray(self.mean_rgb, jnp.float32)
         return self.model.apply({"params": conv_params(params)}, x.astype(self.dtype), outputs=layers)
+
+    def _check_range(self, images: jax.Array) -> None:
+        """Refuses concrete images that cannot be in `input_range` (traced ones, inside jit/grad, are not checked)."""
+        if isinstance(images, jax.core.Tracer):
+            return
+        low, high = self.input_range
+        declared = f"input_range=({low:g}, {high:g})"
+        if jnp.issubdtype(images.dtype, jnp.integer) and (low, high) != INPUT_RANGES["0-255"]:
+            raise ValueError(
+                f"images of dtype {images.dtype} (0-255 values) into a net declared {declared}: convert them "
+                f"(e.g. x / 255 for [0,1]) or declare input_range='0-255'"
+            )
+        if images.size == 0:
+            return
+        smallest, largest = float(jnp.min(images)), float(jnp.max(images))
+        slack = RANGE_TOLERANCE * (high - low)
+        if smallest < low - slack or largest > high + slack:
+            raise ValueError(
+                f"images with values in [{smallest:.4g}, {largest:.4g}] into a net declared {declared}: outside it "
+                f"by more than {RANGE_TOLERANCE:.0%} of its span, the activations are off by that factor. Rescale "
+                "them, or declare the range they are in (input_range='0-255', '[-1,1]' or (low, high))"
+            )
 
 
 def conv_params(params: Params) -> dict[str, Any]:
@@ -257,6 +287,7 @@ def perceptual_loss(
     layers = net._check_layers(layers) if layers else net.layers
     if distance not in ("mse", "l1"):
         raise ValueError(f"distance must be 'mse' or 'l1', got {distance!r}")
+    _require_images(images, "perceptual_loss")
     # Two forward passes, not one over the concatenation: then a gradient with respect to `images` only
     # never runs backward through the targets' pass (a third less work than the concatenated batch).
     ours = net(params, images, layers)
@@ -267,6 +298,12 @@ def perceptual_loss(
         error = jnp.square(difference) if distance == "mse" else jnp.abs(difference)
         total = total + weight * jnp.mean(error)
     return total
+
+
+def _require_images(images: jax.Array, loss: str) -> None:
+    # The batch size is static even under jit: an empty batch is refused whether traced or not.
+    if jnp.shape(images)[:1] == (0,):
+        raise ValueError(f"{loss} of an empty batch (0 images) is undefined (a mean over no images); skip the call")
 
 
 def gram_matrix(features: jax.Array) -> jax.Array:
@@ -303,6 +340,7 @@ def style_loss(
     Returns a float32 scalar.
     """
     layers = net._check_layers(layers) if layers else net.layers
+    _require_images(images, "style_loss")
     ours = gram_matrices(net, params, images, layers)
     theirs = style if isinstance(style, Mapping) else gram_matrices(net, params, jnp.asarray(style), layers)
     total = jnp.zeros((), jnp.float32)

@@ -31,15 +31,20 @@ PCA_EIGVEC = (
 )
 
 
+def color_shift_offsets(key: jax.Array, count: int, std: float = 0.1) -> jax.Array:
+    """(count, 3) PCA colour offsets Σ_i α_i λ_i v_i, α_i ~ N(0, std²), on the 0–255 scale (paper §3.1)."""
+    eigval = jnp.asarray(PCA_EIGVAL, jnp.float32) * 255.0
+    eigvec = jnp.asarray(PCA_EIGVEC, jnp.float32)
+    alpha = jax.random.normal(key, (count, 3), jnp.float32) * std
+    return (alpha * eigval) @ eigvec.T  # row n is Σ_i α_ni λ_i v_i
+
+
 def color_shift(images: jax.Array, key: jax.Array, std: float = 0.1) -> jax.Array:
     """PCA colour shift (paper §3.1): adds Σ_i α_i λ_i v_i, α_i ~ N(0, std²), to every pixel of each image.
 
     `images`: float (N, H, W, 3) on the 0–255 scale; λ are PAPER.md's eigenvalues × 255.
     """
-    eigval = jnp.asarray(PCA_EIGVAL, jnp.float32) * 255.0
-    eigvec = jnp.asarray(PCA_EIGVEC, jnp.float32)
-    alpha = jax.random.normal(key, (images.shape[0], 3), jnp.float32) * std
-    shift = (alpha * eigval) @ eigvec.T  # (N, 3): row n is Σ_i α_ni λ_i v_i
+    shift = color_shift_offsets(key, images.shape[0], std)
     return images + shift[:, None, None, :].astype(images.dtype)
 
 
@@ -56,8 +61,12 @@ def preprocess_for_model(
     color_shift_std: float = 0.0,
     dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """uint8 NHWC → float: colour shift (when `key` is given and std > 0), minus the mean RGB, cast to `dtype`."""
-    x = jnp.asarray(images).astype(jnp.float32)
+    """uint8 NHWC → float: colour shift (when `key` is given and std > 0), minus the mean RGB, cast to `dtype`.
+
+    One pass over the pixels: the per-image colour offset and the mean fold into one (N, 3) offset first.
+    """
+    x = jnp.asarray(images)
+    offset = -jnp.asarray(mean_rgb, jnp.float32)[None, :]
     if key is not None and color_shift_std > 0:
-        x = color_shift(x, key, color_shift_std)
-    return subtract_mean(x, mean_rgb).astype(dtype)
+        offset = offset + color_shift_offsets(key, x.shape[0], color_shift_std)
+    return (x.astype(jnp.float32) + offset[:, None, None, :]).astype(dtype)

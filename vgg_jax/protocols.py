@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+
+if TYPE_CHECKING:  # the bench's bare-GPU import path has no ml_collections
+    import ml_collections
 
 GRID = 5  # paper §3.2: 5×5 crops per scale (× 2 flips = 50)
 
@@ -200,7 +202,7 @@ def place_on_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndar
 
 
 def pooled_size(size: Any, pools: int) -> Any:
-    """A side after `pools` 2×2/2 max-pools in ceil mode (dense evaluation, `models.ceil_mode_pad`): ⌈size/2^pools⌉."""
+    """A side after `pools` 2×2/2 max-pools in ceil mode (dense evaluation, `layers.ceil_mode_pad`): ⌈size/2^pools⌉."""
     return -(-size // 2**pools)
 
 

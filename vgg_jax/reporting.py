@@ -10,7 +10,6 @@ notebook plots both curves from one file. Only process 0 writes.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from vgg_jax import console, progress
+from vgg_jax import console, jsonl, progress
 
 
 class Reporter:
@@ -88,8 +87,7 @@ class Reporter:
     def _append(self, step: int, split: str, values: dict[str, float]) -> None:
         if self.is_chief:
             record = {"step": step, "epoch": step / self.steps_per_epoch, "split": split, **values}
-            with (epath.Path(self.workdir) / "metrics.jsonl").open("a") as stream:
-                stream.write(json.dumps(record) + "\n")
+            jsonl.append(epath.Path(self.workdir) / "metrics.jsonl", record)
 
     def close(self) -> None:
         self.writer.flush()

@@ -23,6 +23,9 @@ to ``config_history.jsonl`` (time, step, processes, shards, changed fields,
 config), stores the data set's class names (``class_names.json``, so loading a
 run never needs the data set), and cuts ``metrics.jsonl`` back to the resumed
 step (rows written after the last checkpoint by a process that then died).
+Both .jsonl files survive a torn last line (a kill mid-append): it is removed
+on resume with a log line; damage elsewhere stops the start, naming the file
+and line (`vgg_jax.jsonl`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from vgg_jax import checkpoints
+from vgg_jax import checkpoints, jsonl
 
 HISTORY_FILE = "config_history.jsonl"
 METRICS_FILE = "metrics.jsonl"
@@ -63,6 +66,8 @@ MAY_CHANGE: dict[str, str] = {
     "stop_after_steps": "where this invocation stops",
     "eval_batch_size": "memory only: validation is exact for any batch",
     "remat": "memory only: the same arithmetic",
+    "resample_on_device": "where the crops are resampled (host or accelerator): the same draws, crops within ±1",
+    "resample_canvas": "the canvas the windows travel on (device resampling): the same crops",
     "data_dir": "where the same data set is read",
     "download": "whether a missing data set may be downloaded",
     "corrupt_images": "whether an undecodable record stops the run",
@@ -72,7 +77,12 @@ MAY_CHANGE: dict[str, str] = {
     "model.num_classes": "nothing: it follows the data set, which may not change",
 }
 # Optional fields (validation.FIELDS) and their meaning when absent from an older config.json.
-_ABSENT_MEANS = {"resize_method": "exact", "dense_pooling": "ceil"}
+_ABSENT_MEANS = {
+    "resize_method": "exact",
+    "dense_pooling": "ceil",
+    "resample_on_device": False,
+    "resample_canvas": 0,
+}
 _MISSING = "<absent>"
 
 
@@ -112,10 +122,9 @@ def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _saved_shards(workdir: epath.Path, saved: dict[str, Any]) -> int | None:
     """The run's resolved shard count: from the history, else a fixed config.input_shards; None if unknown."""
     history = workdir / HISTORY_FILE
-    if history.exists():
-        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-        if rows and "input_shards" in rows[-1]:
-            return int(rows[-1]["input_shards"])
+    rows = jsonl.read(history)
+    if rows and "input_shards" in rows[-1]:
+        return int(rows[-1]["input_shards"])
     return int(saved.get("input_shards", 0)) or None
 
 
@@ -139,10 +148,12 @@ def check(config: ml_collections.ConfigDict, workdir: str, shards: int) -> list[
     `shards` is this run's resolved input shard count. Reads only small files: call it before any expensive work.
     """
     path = epath.Path(workdir)
+    for name in (METRICS_FILE, HISTORY_FILE):
+        jsonl.read(path / name)  # damage before the last line stops the start here, naming the file
     latest = checkpoints.latest_step(workdir)
     if latest is None:
         return None
-    if not checkpoints.has_train_state(workdir, latest):
+    if not checkpoints.is_training_run(workdir):
         raise ValueError(
             f"--workdir={workdir} holds imported weights (written by `python -m vgg_jax.convert`: parameters only, "
             "no optimiser state), not a training run to resume. Train in a new workdir starting from them: "
@@ -220,10 +231,10 @@ def record_start(
         "changed": {c.field: [c.saved, c.new] for c in changes or ()},
         "config": as_json(config),
     }
-    with (path / HISTORY_FILE).open("a") as stream:
-        stream.write(json.dumps(row) + "\n")
+    jsonl.read(path / HISTORY_FILE, repair=True)  # a torn last line would swallow this row
+    jsonl.append(path / HISTORY_FILE, row)
     if class_names is not None:
-        (path / checkpoints.CLASS_NAMES_FILE).write_text(json.dumps(list(class_names)))
+        checkpoints.write_atomically(path / checkpoints.CLASS_NAMES_FILE, json.dumps(list(class_names)))
     truncate_metrics(workdir, step)
 
 
@@ -232,15 +243,13 @@ def truncate_metrics(workdir: str, step: int) -> int:
     path = epath.Path(workdir) / METRICS_FILE
     if jax.process_index() != 0 or not path.exists():
         return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) < len(lines):
-        temporary = path.parent / (path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        temporary.replace(path)  # atomic: a kill leaves the old file or the new one
+    rows = jsonl.read(path, repair=True)
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if len(kept) < len(rows):
+        jsonl.rewrite(path, kept)
         logging.warning(
             "metrics.jsonl: dropped %d row(s) after step %d (the checkpoint goes on from there)",
-            len(lines) - len(kept),
+            len(rows) - len(kept),
             step,
         )
-    return len(lines) - len(kept)
+    return len(rows) - len(kept)

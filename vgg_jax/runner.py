@@ -202,12 +202,14 @@ class _Scheduler:
                 raise RuntimeError(f"{method}: examples {missing[:5]} were not evaluated once per scale")
             if method == "descriptor":
                 per_scale = [[self.sums[method][i][q] for q in self.scales] for i in indices.tolist()]
-                result["descriptors"] = np.asarray(per_scale, np.float32)  # (N, scales, ΣF)
+                width = sum(executor.layer_widths(self.model, self.protocol.layers))  # for no examples: (0, S, ΣF)
+                result["descriptors"] = np.asarray(per_scale, np.float32).reshape(-1, len(self.scales), width)
             elif method == "maps":
                 result["maps"] = [[self.sums[method][i][q] for q in self.scales] for i in indices.tolist()]
             else:
                 mean = [self.sums[method][i] / len(self.scales) for i in indices.tolist()]
-                result["posteriors"][method] = np.stack(mean).astype(np.float32)
+                stacked = np.stack(mean) if mean else np.zeros((0, self.model.num_classes))
+                result["posteriors"][method] = stacked.astype(np.float32)
         return result
 
     # ------------------------------------------------------------------ batches

@@ -8,17 +8,19 @@ over the mesh (paper §3.3: gradients averaged across devices by the sharding);
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import models, optim, preprocess
+from vgg_jax import models, optim, preprocess, resample
 from vgg_jax.protocols import topk_correct
+
+if TYPE_CHECKING:  # the bench's bare-GPU import path has no ml_collections
+    import ml_collections
 
 
 @flax.struct.dataclass
@@ -58,6 +60,9 @@ def make_train_step(
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One SGD step on a global batch of uint8 crops: colour shift, mean subtraction, forward, backward, update.
 
+    A batch with a 'geometry' entry holds decoded source windows on canvases instead of crops
+    (``config.resample_on_device``): the step first resamples and flips them (`vgg_jax.resample`).
+
     The update uses `optim.step_learning_rate`: the config's schedule at this step times the plateau scale
     (`steps_per_epoch` places the 'step' schedule's boundaries; required for it).
     """
@@ -75,29 +80,37 @@ def make_train_step(
         state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         color_key, dropout_key = jax.random.split(jax.random.fold_in(root_key, state.step))
-        images = preprocess.preprocess_for_model(
-            batch["image"], mean_rgb=mean_rgb, key=color_key, color_shift_std=color_shift_std, dtype=model.dtype
-        )
+        images = batch["image"]
+        if "geometry" in batch:  # config.resample_on_device: the host sent decoded windows on canvases
+            with jax.named_scope("resample"):
+                images = resample.crops_from_canvas(images, batch["geometry"], model.crop_size)
+        with jax.named_scope("preprocess"):
+            images = preprocess.preprocess_for_model(
+                images, mean_rgb=mean_rgb, key=color_key, color_shift_std=color_shift_std, dtype=model.dtype
+            )
 
         def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
             losses, weights, hits = objective(forward(params, images, dropout_key), batch)
             return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0), hits
 
         (loss, hits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        learning_rate = optim.step_learning_rate(schedule, state.step, state.plateau)
-        opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
-        updates, opt_state = tx.update(grads, opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = optim.update_statistics(grads, updates, state.params, per_layer=layer_stats) | {
-            "loss": loss,
-            "top1_error": 1.0 - jnp.mean(hits["top1_correct"]),
-            "top5_error": 1.0 - jnp.mean(hits["top5_correct"]),
-            "learning_rate": learning_rate,
-            # An overflow can leave the loss finite one step before it isn't: check the update too.
-            "params_finite": jnp.all(
-                jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params)])
-            ).astype(jnp.float32),
-        }
+        with jax.named_scope("optimizer"):
+            learning_rate = optim.step_learning_rate(schedule, state.step, state.plateau)
+            opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
+            updates, opt_state = tx.update(grads, opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("statistics"):
+            # Over the updated parameters: reading the old ones after the in-place (donated) update would make
+            # XLA copy every parameter first. The norm also checks them: it is finite only if every value is.
+            update_size = optim.update_norm(opt_state)
+            metrics = optim.update_statistics(grads, updates, params, layer_stats, update_size) | {
+                "loss": loss,
+                "top1_error": 1.0 - jnp.mean(hits["top1_correct"]),
+                "top5_error": 1.0 - jnp.mean(hits["top5_correct"]),
+                "learning_rate": learning_rate,
+                # An overflow can leave the loss finite one step before it isn't: check the update too.
+                "params_finite": jnp.isfinite(optim.global_norm(params)).astype(jnp.float32),
+            }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

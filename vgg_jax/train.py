@@ -4,7 +4,8 @@ Start-up precedence: resume from the workdir's latest checkpoint, else warm
 start from `config.warm_start.checkpoint` (layers by name), else seeded
 random init. Randomness is keyed on the step (`fold_in(root, step)`) and the
 input stream restarts at the resumed step, so an interrupted run ends with the
-same parameters as an uninterrupted one.
+same parameters as an uninterrupted one. Process 0 holds the workdir's lock
+(`vgg_jax.run_lock`) for the whole run, so a second start on it is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vgg_jax import checkpoints, guard, models, optim, parallel, paths, reporting, resume, steps
+from vgg_jax import checkpoints, guard, models, optim, parallel, paths, reporting, resume, run_lock, steps
 from vgg_jax import evaluate as evaluation
 from vgg_jax.configs import validation
 from vgg_jax.data import sources, streams
@@ -41,14 +42,50 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Every field (`vgg_jax.configs.validation`) and a writable workdir, before any expensive work."""
     validation.validate(config)
     if jax.process_index() == 0:
+        _check_writable(workdir)
+
+
+# What a run writes into an existing workdir: each must accept writes before the run starts.
+_RUN_FILES = (resume.METRICS_FILE, resume.HISTORY_FILE, checkpoints.CONFIG_FILE, checkpoints.CLASS_NAMES_FILE)
+
+
+def _check_writable(workdir: str) -> None:
+    """The workdir, its checkpoints/ and the files a run appends to accept writes (a read-only copy is refused)."""
+    path = epath.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"workdir {workdir!r} is not writable: {error}") from error
+    for place in (path, path / checkpoints.CHECKPOINT_DIR, *(path / name for name in _RUN_FILES)):
+        if place != path and not place.exists():
+            continue
         try:
-            path = epath.Path(workdir)
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
+            if place.is_dir():
+                probe = place / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
+            else:
+                place.open("a").close()  # opened for appending, nothing written
         except OSError as error:
-            raise PermissionError(f"workdir {workdir!r} is not writable: {error}") from error
+            what = f"workdir {workdir!r}" if place == path else str(place)
+            raise PermissionError(
+                f"{what} is not writable ({error}): a run writes its checkpoints, metrics and config there. Make it "
+                f"writable again, or train in a new --workdir from this run's weights: "
+                f"--config.warm_start.checkpoint={workdir}"
+            ) from error
+
+
+def _lock_workdir(workdir: str) -> run_lock.Lock | None:
+    """Process 0 takes the workdir's lock (`vgg_jax.run_lock`); every process learns whether it could."""
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = run_lock.acquire(workdir)
+        except run_lock.WorkdirInUseError as error:
+            refused = error
+    if not parallel.agree("workdir_lock", refused is None):
+        raise refused or run_lock.WorkdirInUseError(f"--workdir={workdir} is in use by another run (see process 0)")
+    return lock
 
 
 def _adopt_dataset_classes(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -195,7 +232,7 @@ def _roll_back(
     workdir: str,
 ) -> steps.TrainState:
     """Spike guard: back to the newest checkpoint the evidence trusts, the rate × plateau.factor (or raise)."""
-    manager.wait_until_finished()
+    checkpoints.finish_saves(manager)
     saved = sorted(manager.all_steps())
     good = max((s for s in saved if s <= verdict.trusted_step), default=None)
     losses.allow_retry(verdict, good, workdir)  # raises when no retry is left
@@ -230,6 +267,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     paths.resolve_config_paths(config)
     parallel.initialize(config.get("distributed"))
     _check_config(config, workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train(config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     shards = int(config.input_shards) or jax.process_count()
     changes = resume.check(config, workdir, shards)  # a resume may not change what the run is
     class_names = _adopt_dataset_classes(config)
@@ -321,9 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
             "process %d: parameter checksum at step %d: %.17g", jax.process_index(), step, parameter_checksum(state)
         )
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        reporter.close()
+        try:
+            checkpoints.finish_saves(manager, close=True)
+        finally:
+            reporter.close()
     return state
 
 

@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vgg_jax import checkpoints, console, models, paths, protocols
+from vgg_jax import checkpoints, cli, console, models, paths, protocols
 from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.runner import run_evaluation
 
@@ -374,9 +374,10 @@ def _main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
     console.setup_command()
-    step: int | str = int(values.step) if values.step.isdigit() else values.step
+    step = cli.argument("--step", checkpoints.parse_step, values.step)
+    scales = cli.argument("--scales", cli.integers, values.scales)
+    c_grid = cli.argument("--c_grid", cli.numbers, values.c_grid)
     try:
-        scales = [int(q) for q in values.scales.split(",") if q.strip()]
         row = run_transfer(
             values.checkpoint,
             values.dataset,
@@ -387,7 +388,7 @@ def _main(argv: Sequence[str]) -> None:
             train_per_class=values.train_per_class,
             test_per_class=values.test_per_class,
             num_splits=values.num_splits,
-            c_grid=[float(c) for c in values.c_grid.split(",")],
+            c_grid=c_grid,
             data_dir=values.data_dir,
             seed=values.seed,
             normalize_scales=values.normalize_scales,
@@ -410,7 +411,7 @@ def _main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """`python -m vgg_jax.transfer`: paper App. B on any TFDS set."""
-    flags.DEFINE_multi_string("checkpoint", [], "Run directory; repeat to stack the nets' descriptors (D & E).")
+    flags.DEFINE_multi_string("checkpoint", None, "Run directory; repeat to stack the nets' descriptors (D & E).")
     flags.DEFINE_string("dataset", None, "TFDS name: voc/2007, voc/2012, caltech101, sklearn_digits, …")
     flags.DEFINE_string("scales", "256,384,512", "Test scales Q (VOC in the paper: 256,384,512,640,768).")
     flags.DEFINE_enum("combine", "average", ["average", "stack"], "Scales averaged (VOC) or stacked (Caltech).")
@@ -434,7 +435,7 @@ def run() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the held-out and per-class splits.")
     flags.DEFINE_string("out", None, "Write the row (and each split's score and C) as JSON here.")
     flags.mark_flags_as_required(["checkpoint", "dataset"])
-    app.run(_main)
+    cli.run_absl(_main)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,19 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     return options
 
 
+def _training_scale(text: str) -> tuple[int, int]:
+    """'384' → (384, 384); '256-512' → (256, 512): S fixed or jittered (paper §3.1)."""
+    parts = text.split("-")
+    if len(parts) in (1, 2) and all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        low, high = int(parts[0]), int(parts[-1])
+        if low <= high:
+            return low, high
+    raise ValueError(
+        f"config argument scale={text!r} is not a training scale; expected a side in pixels such as scale=256 or "
+        "scale=384, or a jittered range low-high such as scale=256-512"
+    )
+
+
 def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.ConfigDict:
     """The paper's recipe for `variant`, modified by `arg` (see module docstring)."""
     options = parse_arg(arg)
@@ -72,6 +85,10 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     # multiple of 32; 'centre' / 'floor' cut it to one first (vgg_jax.protocols.DENSE_POOLING; bench/RESULTS.md).
     config.dense_pooling = "ceil"
     config.random_flip = True
+    # True: the host decodes only each crop's source window; the train step rescales, crops and flips it on
+    # the accelerator (vgg_jax.resample; the same crops within ±1). The canvas: 0 = 2 × crop_size.
+    config.resample_on_device = False
+    config.resample_canvas = 0
     config.color_shift_std = 0.1  # PCA colour shift, α ~ N(0, 0.1²)
     config.mean_rgb = CAFFE_MEAN_RGB
     config.shuffle_buffer = 16_384
@@ -126,15 +143,15 @@ def get_config(variant: str = "D", arg: str | None = None) -> ml_collections.Con
     )
 
     scale = options.get("scale", "256")
+    low, high = _training_scale(scale)
     if "-" in scale:
-        low, high = (int(v) for v in scale.split("-"))
         config.scale_min, config.scale_max = low, high
         config.eval_scale = (low + high) // 2
         config.learning_rate = 1e-3  # fine-tuning from the S=384 net [choice]
         config.warm_start.layers = "all"
     else:
-        config.scale_min = config.scale_max = config.eval_scale = int(scale)
-        if int(scale) != 256:
+        config.scale_min = config.scale_max = config.eval_scale = low
+        if low != 256:
             config.learning_rate = 1e-3  # paper: S=384 net from the S=256 net, lr 1e-3
             config.warm_start.layers = "all"
 

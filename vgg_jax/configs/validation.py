@@ -143,6 +143,8 @@ FIELDS: dict[str, Spec] = {
     "eval_method": one_of("center_crop", "dense"),
     "dense_pooling": one_of(*DENSE_POOLING, optional=True),  # absent in older runs: the paper's 'ceil'
     "resize_method": one_of("exact", "fast", optional=True),
+    "resample_on_device": boolean(optional=True),  # vgg_jax.resample: the train step rescales the crops
+    "resample_canvas": integer(0, optional=True),  # its canvas side; 0: 2 × crop_size
     "random_flip": boolean(),
     "color_shift_std": number(0),
     "mean_rgb": sequence(lambda v: is_number(v) and 0 <= v <= 255, "numbers in [0, 255] (R, G, B)", length=3),

@@ -7,6 +7,8 @@ inside `tf.data.Dataset.map`.
 - `rescaled_crop`: a crop of that rescaled image, computed without the rescale.
 - `random_rescaled_crop`: the §3.1 augmentation: S ~ U{Smin..Smax} per image (scale jittering; a
   fixed S when Smin = Smax), a crop at a uniform position, a horizontal flip with probability 1/2.
+- `random_window_on_canvas`: the same draws, but only the crop's decoded source window goes to the device
+  (on a fixed canvas), which resamples and flips it in the train step (`vgg_jax.resample`).
 
 **Rescale + crop in one step** [implementation]: the crop is computed from the window of the source
 image it covers (JPEGs decode only that window with `tf.io.decode_and_crop_jpeg`) with
@@ -93,6 +95,14 @@ def _rescaled_crop(
     image: tf.Tensor, size: int | tf.Tensor, crop: int, offsets: Offsets | None, resize: str = "exact"
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`rescaled_crop` that also returns the offsets (oy, ox) it used."""
+    region, scale, translation, offset = _crop_region(image, size, crop, offsets)
+    return _resample(region, scale, translation, crop, resize), offset
+
+
+def _crop_region(
+    image: tf.Tensor, size: int | tf.Tensor, crop: int, offsets: Offsets | None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The decoded source window a crop reads, its scale (sy, sx), translation, and the crop's offsets (oy, ox)."""
     image = tf.convert_to_tensor(image)
     size = tf.convert_to_tensor(size, tf.int32)
     if offsets is None:
@@ -114,8 +124,7 @@ def _rescaled_crop(
         region, scale, translation, offset = tf.cond(tf.io.is_jpeg(image), jpeg, other)
     else:
         region, scale, translation, offset = _cut_window(_to_rgb(image), window)
-    region = tf.ensure_shape(region, [None, None, 3])
-    return _resample(region, scale, translation, crop, resize), offset
+    return tf.ensure_shape(region, [None, None, 3]), scale, translation, offset
 
 
 def _crop_window(
@@ -169,6 +178,21 @@ def _resample(region: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor, crop:
     return tf.ensure_shape(_round_to_uint8(out), [crop, crop, 3])
 
 
+def _random_draws(seed: tf.Tensor, scale_min: int, scale_max: int, crop: int, flip: bool):
+    """Paper §3.1's random choices for one image: S ~ U{scale_min..scale_max}, the crop's offsets, the flip."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    s = tf.random.stateless_uniform([], seed=seeds[0], minval=scale_min, maxval=scale_max + 1, dtype=tf.int32)
+    u = tf.random.stateless_uniform([2], seed=seeds[1], dtype=tf.float32)
+    flipped = tf.logical_and(tf.constant(bool(flip)), tf.random.stateless_uniform([], seed=seeds[2]) < 0.5)
+
+    def offsets(h, w):
+        oy = tf.minimum(tf.cast(tf.floor(u[0] * tf.cast(h - crop + 1, tf.float32)), tf.int32), h - crop)
+        ox = tf.minimum(tf.cast(tf.floor(u[1] * tf.cast(w - crop + 1, tf.float32)), tf.int32), w - crop)
+        return oy, ox
+
+    return s, offsets, flipped
+
+
 def random_rescaled_crop(
     image: tf.Tensor,
     seed: tf.Tensor,
@@ -184,16 +208,51 @@ def random_rescaled_crop(
     S ~ U{scale_min..scale_max}; crop position uniform over the rescaled image; horizontal flip with
     probability 1/2 when `flip`. Returns (uint8 crop, {'scale', 'offset_y', 'offset_x', 'flipped'}).
     """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
-    s = tf.random.stateless_uniform([], seed=seeds[0], minval=scale_min, maxval=scale_max + 1, dtype=tf.int32)
-    u = tf.random.stateless_uniform([2], seed=seeds[1], dtype=tf.float32)
-    flipped = tf.logical_and(tf.constant(bool(flip)), tf.random.stateless_uniform([], seed=seeds[2]) < 0.5)
-
-    def offsets(h, w):
-        oy = tf.minimum(tf.cast(tf.floor(u[0] * tf.cast(h - crop + 1, tf.float32)), tf.int32), h - crop)
-        ox = tf.minimum(tf.cast(tf.floor(u[1] * tf.cast(w - crop + 1, tf.float32)), tf.int32), w - crop)
-        return oy, ox
-
+    s, offsets, flipped = _random_draws(seed, scale_min, scale_max, crop, flip)
     out, offset = _rescaled_crop(image, s, crop, offsets, resize)
     out = tf.cond(flipped, lambda: tf.reverse(out, axis=[1]), lambda: out)
     return out, {"scale": s, "offset_y": offset[0], "offset_x": offset[1], "flipped": flipped}
+
+
+def random_window_on_canvas(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    scale_min: int,
+    scale_max: int,
+    crop: int,
+    flip: bool,
+    canvas: int,
+) -> tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
+    """`random_rescaled_crop`'s crop (the same draws) left for the accelerator to resample (`vgg_jax.resample`).
+
+    Returns the decoded source window on a ``canvas``×``canvas`` uint8 canvas (top-left, zeros elsewhere), the
+    float32 vector ``[sy, sx, ty, tx, height, width, flipped]`` that `vgg_jax.resample.crops_from_canvas` turns
+    into the crop, and the draws. A window larger than the canvas is first shrunk on the host by the smallest
+    integer factor r that fits (each output pixel the mean of an r×r block; the scale grows by r): close to,
+    not equal to, the host path's crop (tests/test_resample.py bounds the difference).
+    """
+    s, offsets, flipped = _random_draws(seed, scale_min, scale_max, crop, flip)
+    region, scale, translation, offset = _crop_region(image, s, crop, offsets)
+    size = tf.shape(region)[:2]
+    factor = (tf.reduce_max(size) + canvas - 1) // canvas
+    region, scale = tf.cond(
+        factor > 1,
+        lambda: (_shrink(region, factor), scale * tf.cast(factor, tf.float32)),
+        lambda: (region, scale),
+    )
+    size = tf.shape(region)[:2]
+    placed = tf.pad(region, [[0, canvas - size[0]], [0, canvas - size[1]], [0, 0]])
+    placed = tf.ensure_shape(placed, [canvas, canvas, 3])
+    geometry = tf.concat([scale, translation, tf.cast(size, tf.float32), tf.cast(flipped, tf.float32)[None]], axis=0)
+    return placed, geometry, {"scale": s, "offset_y": offset[0], "offset_x": offset[1], "flipped": flipped}
+
+
+def _shrink(region: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """Mean of each factor×factor block, rounded to uint8; a partial last block is completed by mirroring."""
+    size = tf.shape(region)[:2]
+    blocks = (size + factor - 1) // factor
+    pad = blocks * factor - size
+    region = tf.pad(region, [[0, pad[0]], [0, pad[1]], [0, 0]], mode="SYMMETRIC")
+    region = tf.reshape(region, [blocks[0], factor, blocks[1], factor, 3])
+    return _round_to_uint8(tf.reduce_mean(tf.cast(region, tf.float32), axis=[1, 3]))

@@ -11,7 +11,6 @@ The subtraction itself runs on device (`vgg_jax.preprocess`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from vgg_jax import cli
 from vgg_jax.data import image_ops, sources, streams
 
 
@@ -49,10 +49,14 @@ def compute_mean_rgb(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (2 with a one-line error for a missing or unknown data set)."""
+    """The CLI; returns the exit status (2 with a one-line error for a bad argument, a missing or unknown data set)."""
+    return cli.run(lambda: _main(argv), argv=argv)
+
+
+def _main(argv: list[str] | None) -> int:
     import ml_collections
 
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.data.mean_rgb", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m vgg_jax.data.mean_rgb", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="TFDS name, e.g. imagenet2012, stl10, sklearn_digits")
     parser.add_argument("--data_dir", default="", help="TFDS data_dir ('' = TFDS default)")
     parser.add_argument("--split", default="train")

@@ -3,7 +3,9 @@
 Training (`create_train_iterator`): TFDS records of this process's shard
 (`tfds.even_splits(split, n=process_count)[process_index]`) → per-epoch seeded shuffle → screen
 corrupt records → decode, rescale to S and crop in one step, random flip (`image_ops`) → uint8 NHWC
-batches of `global_batch_size / process_count` with int32 labels → prefetch. Cast, colour shift and
+batches of `global_batch_size / process_count` with int32 labels → prefetch. With
+``config.resample_on_device`` the host decodes only each crop's window and the train step resamples
+and flips it (`vgg_jax.resample`): the same draws, the same crops within ±1. Cast, colour shift and
 mean subtraction happen on device (`vgg_jax.preprocess`), so only uint8 crosses the host-device link.
 
 Evaluation (`create_eval_iterator`): rescale so the smaller side is Q, centre crop; the last batch is
@@ -68,6 +70,26 @@ def check_train_config(config: Any) -> None:
         )
     _corrupt_mode(config)
     _resize_method(config)
+    resample_canvas(config)
+
+
+def resample_canvas(config: Any) -> int:
+    """The canvas side with ``config.resample_on_device`` (0 when resampling on the host).
+
+    ``config.resample_canvas``: 0 (default) is 2 × crop_size, which holds the source window of a crop at
+    S = 256 from images whose smaller side is up to about 2 × 256; larger windows are shrunk on the host
+    first (`image_ops.random_window_on_canvas`).
+    """
+    if not config.get("resample_on_device", False):
+        return 0
+    crop = int(config.crop_size)
+    canvas = int(config.get("resample_canvas", 0)) or 2 * crop
+    if canvas < crop:
+        raise ValueError(
+            f"config.resample_canvas={canvas} is smaller than config.crop_size={crop}: the canvas must hold at "
+            "least a crop's window (0 picks 2 × crop_size)"
+        )
+    return canvas
 
 
 def check_eval_scale(config: Any, scale: int) -> None:
@@ -227,15 +249,19 @@ def _train_dataset(
     smin, smax, crop = int(config.scale_min), int(config.scale_max), int(config.crop_size)
     flip = bool(config.get("random_flip", True))
     resize = _resize_method(config)
+    canvas = resample_canvas(config)
 
     def augment(ex):
         key = _stateless_key(seed, process_index, ex["epoch"], ex["index"])
         if examples is not None:  # e.g. App. A: boxes follow the crop (vgg_jax.data.boxes)
             return examples.augment(ex, key)
-        image, details = image_ops.random_rescaled_crop(
-            ex["image"], key, scale_min=smin, scale_max=smax, crop=crop, flip=flip, resize=resize
-        )
-        out = {"image": image, "label": ex["label"]}
+        draws = dict(scale_min=smin, scale_max=smax, crop=crop, flip=flip)
+        if canvas:  # the train step resamples (vgg_jax.resample)
+            image, geometry, details = image_ops.random_window_on_canvas(ex["image"], key, canvas=canvas, **draws)
+            out = {"image": image, "geometry": geometry, "label": ex["label"]}
+        else:
+            image, details = image_ops.random_rescaled_crop(ex["image"], key, resize=resize, **draws)
+            out = {"image": image, "label": ex["label"]}
         if with_details:
             out.update(details, index=ex["index"], epoch=ex["epoch"])
         return out
@@ -256,8 +282,11 @@ def create_train_iterator(
     """Endless iterator of this process's training batches from step `start_step` on.
 
     Yields {'image': uint8 (local_batch, crop, crop, 3), 'label': int32 (local_batch,)} with
-    local_batch = global_batch_size // process_count. Batch k of a stream started at step s equals
-    batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt` counts skipped records.
+    local_batch = global_batch_size // process_count; with ``config.resample_on_device``, 'image' holds
+    the crops' decoded source windows on (local_batch, canvas, canvas, 3) canvases and 'geometry'
+    float32 (local_batch, 7) how the train step resamples them (`vgg_jax.resample`). Batch k of a stream
+    started at step s equals batch s + k of a stream started at 0. The iterator's `num_skipped_corrupt`
+    counts skipped records.
     `examples` (`.read`, `.augment(example, key)`, `.keys`) replaces the records and the augmentation,
     keeping the shards, order and keys: `vgg_jax.data.boxes.BoxExamples` carries boxes (App. A).
     """
@@ -277,7 +306,8 @@ def create_train_iterator(
             lambda *batches: {key: tf.concat([batch[key] for batch in batches], 0) for key in batches[0]}
         )
         corrupt = [c for _, c in streams]
-    return _Iterator(ds, corrupt, examples.keys if examples is not None else ("image", "label"))
+    keys = ("image", "geometry", "label") if resample_canvas(config) else ("image", "label")
+    return _Iterator(ds, corrupt, examples.keys if examples is not None else keys)
 
 
 # --------------------------------------------------------------------------- evaluation
