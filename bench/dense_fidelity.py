@@ -3,11 +3,11 @@
 `python bench/dense_fidelity.py --checkpoint=runs/demo` (bench/RESULTS.md, "Dense evaluation fidelity"):
 
 1. pooling: top-1 error of dense evaluation computed per image (no canvases) under each rule of
-   `protocols.DENSE_POOLING` (centre: sides trimmed evenly to multiples of 32, the default; ceil: Caffe's
-   pooling; floor), at each Q of `--scales`;
+   `protocols.DENSE_POOLING` (ceil: the whole image, Caffe's pooling; centre: sides trimmed evenly to
+   multiples of 32; floor: the top-left multiple of 32), at each Q of `--scales`;
 2. bucketing: the test images padded with background to random aspect ratios in [1, 2.5] (the
    digits are square, so their canvases would be exact anyway), then dense posteriors from shared
-   canvases with the conv masking (`runner.masked_dense_apply`), without it (the former
+   canvases with the conv masking (`executor.masked_dense_apply`), without it (the former
    bucketing), and per image shape ('exact'), under each rule: max |Δ posterior| to
    'exact' and the top-1 errors.
 """
@@ -31,7 +31,8 @@ def main() -> None:
     from vgg_jax.checkpointing import checkpoints
     from vgg_jax.data import streams
     from vgg_jax.evaluation import arithmetic as protocols
-    from vgg_jax.evaluation import runner
+    from vgg_jax.evaluation import executor, runner
+    from vgg_jax.evaluation.protocol import TestProtocol
 
     params, config, step = checkpoints.restore_params(args.checkpoint, args.step)
     images, labels = [], []
@@ -46,10 +47,8 @@ def main() -> None:
         return float(protocols.topk_errors(posteriors, labels, ks=(1,))["top1_error"])
 
     def dense(model, examples, scales, buckets, pooling):
-        result = runner.run_evaluation(
-            model, params, examples, methods=["dense"], scales=scales, mean_rgb=config.mean_rgb,
-            batch_size=200, dense_buckets=buckets, flips=flips, log_every_s=1e9, dense_pooling=pooling,
-        )  # fmt: skip
+        protocol = TestProtocol("dense", scales, flips, pooling, buckets, batch_size=200).resolve(config)
+        result = runner.run_evaluation(model, params, examples, protocol, mean_rgb=config.mean_rgb, log_every_s=1e9)
         return result["posteriors"]["dense"]
 
     base = models.from_config(config)
@@ -74,14 +73,14 @@ def main() -> None:
         model = base
         exact = dense(model, padded, [q], "exact", mode)
         masked = dense(model, padded, [q], "aspect", mode)
-        plain = runner.masked_dense_apply
-        runner.masked_dense_apply = lambda model, p, x, h, w, **kw: model.apply({"params": p}, x, dense=True, **kw)
-        runner._JIT_CACHE.clear()
+        plain = executor.masked_dense_apply
+        executor.masked_dense_apply = lambda model, p, x, h, w, **kw: model.apply({"params": p}, x, dense=True, **kw)
+        executor.clear_cache()
         try:
             unmasked = dense(model, padded, [q], "aspect", mode)  # the former bucketing: padding seen by the convs
         finally:
-            runner.masked_dense_apply = plain
-            runner._JIT_CACHE.clear()
+            executor.masked_dense_apply = plain
+            executor.clear_cache()
         rows["bucketing"][mode] = {
             name: {"top1_error": error(value), "max_abs_diff": float(np.abs(value - exact).max())}
             for name, value in (("exact", exact), ("masked canvases", masked), ("unmasked canvases", unmasked))

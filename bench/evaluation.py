@@ -97,6 +97,7 @@ def run_benchmark(
 
     from vgg_jax import models
     from vgg_jax.evaluation import runner
+    from vgg_jax.evaluation.protocol import TestProtocol
 
     model = models.VGG(
         variant=variant,
@@ -125,11 +126,11 @@ def run_benchmark(
             continue
         subset = [dict(e, scaled={q: e["scaled"][q] for q in scales}) for e in examples]
 
-        def once(method=method, scales=scales, subset=subset):
+        protocol = TestProtocol(method, scales, flips=True, pooling="ceil", batch_size=batch_size, resolved=True)
+
+        def once(protocol=protocol, subset=subset):
             start = time.perf_counter()
-            runner.run_evaluation(
-                model, params, subset, methods=[method], scales=scales, mean_rgb=mean, batch_size=batch_size
-            )
+            runner.run_evaluation(model, params, subset, protocol, mean_rgb=mean)
             return time.perf_counter() - start
 
         once()  # compile

@@ -14,8 +14,9 @@ from vgg_jax import models
 from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common
 from vgg_jax.evaluation import arithmetic as protocols
-from vgg_jax.evaluation import evaluate, runner
+from vgg_jax.evaluation import evaluate, executor, runner
 from vgg_jax.evaluation.arithmetic import multicrop_offsets, multicrop_views, topk_errors
+from vgg_jax.evaluation.protocol import TestProtocol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 32
@@ -74,10 +75,11 @@ def _examples(images_by_scale, labels=None):
     ]
 
 
-def _run(net, examples, methods, scales, **kwargs):
-    _, model, params, _, _ = net
-    kwargs.setdefault("batch_size", 100)
-    return runner.run_evaluation(model, params, examples, methods=methods, scales=scales, mean_rgb=MEAN, **kwargs)
+def _run(net, examples, method, scales, *, flips="yes", batch_size=100, **options):
+    """The runner under TestProtocol(method, scales, **options), resolved for the tiny net (flips forced on)."""
+    config, model, params, _, _ = net
+    protocol = TestProtocol(method, list(scales), flips=flips, batch_size=batch_size, **options).resolve(config)
+    return runner.run_evaluation(model, params, examples, protocol, mean_rgb=MEAN)
 
 
 def _softmax(x):
@@ -179,7 +181,7 @@ def test_topk_tie_rule_by_hand():
 def test_dense_on_crop_sized_image_equals_crop_head_with_posteriors_averaged(net):
     _, _, _, apply, _ = net
     images = _images(2, [(CROP, CROP)] * 3)
-    result = _run(net, _examples({CROP: images}), ["dense"], [CROP])
+    result = _run(net, _examples({CROP: images}), "dense", [CROP])
     x = np.stack(images).astype(np.float32) - np.array(MEAN, np.float32)
     logits, logits_flip = np.asarray(apply(x)), np.asarray(apply(x[:, :, ::-1]))
     expected = 0.5 * (_softmax(logits) + _softmax(logits_flip))
@@ -191,7 +193,7 @@ def test_dense_on_crop_sized_image_equals_crop_head_with_posteriors_averaged(net
 def test_multicrop_averages_posteriors_of_the_50_views(net):
     _, _, _, apply, _ = net
     images = _images(3, [(40, 52), (45, 40)])
-    result = _run(net, _examples({40: images}), ["multicrop"], [40])
+    result = _run(net, _examples({40: images}), "multicrop", [40])
     for i, image in enumerate(images):
         views = multicrop_views(image, CROP).astype(np.float32) - np.array(MEAN, np.float32)
         logits = np.asarray(apply(views))
@@ -204,10 +206,11 @@ def test_scale_averaging_both_and_fusion_are_posterior_means(net):
     small, large = _images(4, [(32, 40)] * 4), _images(5, [(40, 50)] * 4)
     labels = [3, 1, 4, 1]
     examples = _examples({32: small, 40: large}, labels)
-    # flips="yes": the helper `_run` mirrors (runner default); this config trained without flips ('auto' = no).
-    both = evaluate.evaluate_params(config, params, method="both", scales=[32, 40], examples=examples, flips="yes")
+    # flips="yes": the helper `_run` mirrors; this config trained without flips ('auto' = no).
+    protocol = TestProtocol("both", [32, 40], flips="yes")
+    both = evaluate.evaluate_params(config, params, protocol, examples=examples)
     per_scale = {
-        (m, q): _run(net, _examples({q: imgs}, labels), [m], [q])["posteriors"][m]
+        (m, q): _run(net, _examples({q: imgs}, labels), m, [q])["posteriors"][m]
         for m in ("dense", "multicrop")
         for q, imgs in ((32, small), (40, large))
     }
@@ -242,7 +245,7 @@ def test_dense_canvases_and_choice():
     assert size == (64, 128) and placed.shape == (64, 128, 3)
     # Ceil-mode pools in dense evaluation: the map covers all 90 columns (a floor would stop at 64).
     assert protocols.dense_map_size(64, 90, 32) == (2, 3)
-    assert protocols.dense_map_size(64, 90, 32, ceil=False) == (2, 2)
+    assert protocols.dense_map_size(64, 90, 64) == (1, 2)  # a 2×2 fc6 window: windows of 64 at stride 32
 
 
 def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
@@ -251,10 +254,8 @@ def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
     shapes = [(64, 96), (80, 64), (64, 64), (64, 96), (80, 64)]
     images = _images(6, shapes)
     # The canvas machinery under Caffe's ceil pools (the map reaches past a side that is not a multiple of 32).
-    bucketed = _run(net, _examples({64: images}), ["dense"], [64], batch_size=4, dense_pooling="ceil")
-    exact = _run(
-        net, _examples({64: images}), ["dense"], [64], dense_buckets="exact", batch_size=4, dense_pooling="ceil"
-    )
+    bucketed = _run(net, _examples({64: images}), "dense", [64], batch_size=4, pooling="ceil")
+    exact = _run(net, _examples({64: images}), "dense", [64], buckets="exact", batch_size=4, pooling="ceil")
     np.testing.assert_allclose(bucketed["posteriors"]["dense"], exact["posteriors"]["dense"], atol=1e-6)
     assert bucketed["indices"].tolist() == [0, 1, 2, 3, 4]
     for i, image in enumerate(images):  # the exact computation, by hand, one image at a time
@@ -265,11 +266,12 @@ def test_bucketed_dense_equals_exact_per_image_where_shapes_match(net):
 
 
 def test_centre_pooling_trims_evenly_and_equals_the_centre_crop_on_one_window(net):
-    _, _, _, apply, apply_dense = net
-    assert protocols.DENSE_POOLING[0] == "centre"  # the default of run_evaluation, evaluate and the CLI
+    config, _, _, apply, apply_dense = net
+    assert config.dense_pooling == "centre"  # the digit demos' rule (the paper's configs: 'ceil')
     shapes = [(36, 36), (40, 75), (64, 90), (71, 64)]
     images = _images(13, shapes)
-    result = _run(net, _examples({36: images}), ["dense", "center_crop"], [36], batch_size=4, flips=False)
+    result = _run(net, _examples({36: images}), "dense", [36], batch_size=4, flips=False)
+    result["posteriors"] |= _run(net, _examples({36: images}), "center_crop", [36], flips=False)["posteriors"]
     for i, image in enumerate(images):
         trimmed = protocols.centre_trim(image)
         top, left = (image.shape[0] % 32) // 2, (image.shape[1] % 32) // 2
@@ -283,7 +285,7 @@ def test_centre_pooling_trims_evenly_and_equals_the_centre_crop_on_one_window(ne
     np.testing.assert_allclose(result["posteriors"]["dense"][0], _softmax(np.asarray(apply(crop))[0]), atol=2e-5)
     np.testing.assert_allclose(result["posteriors"]["dense"][0], result["posteriors"]["center_crop"][0], atol=2e-5)
     with pytest.raises(ValueError, match="dense_pooling must be one of"):
-        _run(net, _examples({36: images[:1]}), ["dense"], [36], dense_pooling="round")
+        TestProtocol(pooling="round")
 
 
 def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):
@@ -292,8 +294,8 @@ def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):
     placed, size = protocols.place_on_canvas(image, (64, 96))
     garbage = placed.copy()
     garbage[:, 90:] = 255
-    function = runner._compiled("dense", model, MEAN, runner.default_mesh(), True)
-    meta = np.zeros((2, 3), np.int32)
+    function = executor.forward("dense", model, MEAN, runner.default_mesh(), True)
+    meta = np.zeros((2, 5), np.int32)
     posteriors, _ = function(params, np.stack([placed, garbage]), np.array([size, size], np.int32), meta)
     posteriors = np.asarray(posteriors)
     np.testing.assert_allclose(posteriors[0], posteriors[1], atol=1e-6)  # padding content is invisible
@@ -310,13 +312,13 @@ def test_every_example_counted_once_with_uneven_batches(net):
     shapes = [(40, 40), (40, 50), (50, 40), (40, 60), (40, 40), (40, 50), (40, 80)]
     images = _images(8, shapes)
     examples = _examples({40: images})
-    result = _run(net, examples, ["dense", "multicrop", "center_crop"], [40], batch_size=3, chunk_examples=2)
-    assert result["indices"].tolist() == list(range(7))
-    assert result["labels"].tolist() == [i % 10 for i in range(7)]
-    single = [
-        _run(net, [dict(e, index=0)], ["dense", "multicrop", "center_crop"], [40], batch_size=3) for e in examples
-    ]
+    config, model, params, _, _ = net
     for method in ("dense", "multicrop", "center_crop"):
+        protocol = TestProtocol(method, [40], flips="yes", pooling="ceil", batch_size=3).resolve(config)
+        result = runner.run_evaluation(model, params, examples, protocol, mean_rgb=MEAN, chunk_examples=2)
+        assert result["indices"].tolist() == list(range(7))
+        assert result["labels"].tolist() == [i % 10 for i in range(7)]
+        single = [_run(net, [dict(e, index=0)], method, [40], batch_size=3, pooling="ceil") for e in examples]
         expected = np.concatenate([s["posteriors"][method] for s in single])
         np.testing.assert_allclose(result["posteriors"][method], expected, atol=1e-6)
 
@@ -365,11 +367,13 @@ def test_clear_errors_before_any_work(fake_runs, net):
     with pytest.raises(ValueError, match=r"net_a \(10 classes\).*seven \(7 classes\)"):
         evaluate.evaluate_checkpoints([fake_runs["net_a"], fake_runs["seven"]])
     with pytest.raises(ValueError, match="smaller than crop_size"):
-        evaluate.evaluate_checkpoints([fake_runs["net_a"]], scales=[24, 36])
+        evaluate.evaluate_checkpoints([fake_runs["net_a"]], TestProtocol(scales=[24, 36]))
     with pytest.raises(ValueError, match="smaller than crop_size"):
-        evaluate.evaluate_params(config, params, scales=[16])
+        evaluate.evaluate_params(config, params, TestProtocol(scales=[16]))
     with pytest.raises(ValueError, match="method"):
-        evaluate.evaluate_params(config, params, method="tencrop")
+        TestProtocol(method="tencrop")
+    with pytest.raises(ValueError, match="given 3 times for 2 nets: give it once"):
+        evaluate.evaluate_checkpoints([fake_runs["net_a"], fake_runs["net_b"]], TestProtocol(scales=["32", "36", "40"]))
 
 
 def _check_report(report, out_path, methods, nets):
@@ -390,8 +394,9 @@ def _check_report(report, out_path, methods, nets):
 
 def test_fusion_of_checkpoints_end_to_end(fake_runs, tmp_path, capsys):
     out = str(tmp_path / "results.json")
+    protocol = TestProtocol("both", "40,36")
     report = evaluate.evaluate_checkpoints(
-        [fake_runs["net_a"], fake_runs["net_b"]], method="both", scales="40,36", step="latest", out=out, max_examples=24
+        [fake_runs["net_a"], fake_runs["net_b"]], protocol, step="latest", out=out, max_examples=24
     )
     _check_report(report, out, ["dense", "multicrop", "both"], 3)
     assert all(row["num_examples"] == 24 for row in report["rows"])
@@ -402,7 +407,7 @@ def test_fusion_of_checkpoints_end_to_end(fake_runs, tmp_path, capsys):
     posteriors = []
     for name in ("net_a", "net_b"):
         params, config, _ = checkpoints.restore_params(fake_runs[name])
-        result = evaluate.evaluate_params(config, params, method="dense", scales=[40, 36], max_examples=24)
+        result = evaluate.evaluate_params(config, params, TestProtocol("dense", [40, 36]), max_examples=24)
         posteriors.append(result["posteriors"])
     expected = topk_errors(np.mean(posteriors, axis=0), result["labels"])
     assert fused[0]["top1_error"] == pytest.approx(expected["top1_error"])
@@ -454,10 +459,8 @@ def two_device_case():
     model = models.from_config(tiny_config())
     params = random_params(model, 0)
     examples = _examples({40: _images(9, [(40, 40), (40, 52), (52, 40), (40, 40), (40, 60)])})
-    result = runner.run_evaluation(
-        model, params, examples, methods=["dense", "multicrop"], scales=[40], mean_rgb=MEAN, batch_size=4
-    )
-    return result["posteriors"]
+    protocol = TestProtocol("both", [40], flips="yes", pooling="ceil", batch_size=4).resolve(tiny_config())
+    return runner.run_evaluation(model, params, examples, protocol, mean_rgb=MEAN)["posteriors"]
 
 
 def test_bench_tiny():
@@ -487,7 +490,7 @@ def test_bench_tiny():
 @pytest.mark.xdist_group("demo")
 def test_demo_net_well_below_chance(demo_workdir, tmp_path):
     out = str(tmp_path / "demo.json")
-    report = evaluate.evaluate_checkpoints([str(demo_workdir)], method="both", scales="single", out=out)
+    report = evaluate.evaluate_checkpoints([str(demo_workdir)], TestProtocol("both"), out=out)
     written = _check_report(report, out, ["dense", "multicrop", "both"], 1)
     for row in written["rows"]:
         assert row["scales"] == [36] and row["num_examples"] == 360
@@ -502,32 +505,33 @@ def test_demo_net_well_below_chance(demo_workdir, tmp_path):
 # ----------------------------------------------------------------------------- fidelity: pooling, flips, step
 
 
-def test_ceil_mode_dense_map_covers_the_image_and_crops_are_unchanged(net):
-    _, model, params, apply, apply_dense = net
-    floor = model.clone(dense_ceil_mode=False)
-    floor_apply = jax.jit(lambda x, dense: floor.apply({"params": params}, x, dense=dense), static_argnums=1)
-    image = _images(10, [(36, 45)])[0][None].astype(np.float32) - np.array(MEAN, np.float32)
-    ceil_map = np.asarray(apply_dense(image))
-    floor_map = np.asarray(floor_apply(image, True))
+def test_pooling_rules_choose_the_part_of_the_image_the_net_runs_on(net):
+    """ceil: the whole image (the map reaches past it, every pixel counts); centre / floor: a multiple of 32."""
+    _, _, _, _, apply_dense = net
+    image = _images(10, [(36, 45)])[0]
+    x = image[None].astype(np.float32) - np.array(MEAN, np.float32)
+    ceil_map = np.asarray(apply_dense(x))
     assert ceil_map.shape[1:3] == protocols.dense_map_size(36, 45, CROP) == (2, 2)
-    assert floor_map.shape[1:3] == protocols.dense_map_size(36, 45, CROP, ceil=False) == (1, 1)
-    changed = image.copy()
-    changed[:, 33:, 40:] += 50.0  # the bottom-right corner: a cell of its own with ceil pools
+    changed = x.copy()
+    changed[:, 33:, 40:] += 50.0  # the bottom-right corner: a cell of its own under ceil
     assert np.abs(np.asarray(apply_dense(changed))[:, 1, 1] - ceil_map[:, 1, 1]).max() > 1e-3
-    # Crops and sizes that are multiples of 32: the two modes are bit-identical.
-    crops = _images(11, [(CROP, CROP)] * 2)
-    x = np.stack(crops).astype(np.float32) - np.array(MEAN, np.float32)
-    np.testing.assert_array_equal(np.asarray(apply(x)), np.asarray(floor_apply(x, False)))
-    big = np.concatenate([x, x], axis=2)  # 32 × 64
-    np.testing.assert_array_equal(np.asarray(apply_dense(big)), np.asarray(floor_apply(big, True)))
+    assert protocols.dense_region(36, 45, "ceil") == (0, 0, 36, 45)
+    assert protocols.dense_region(36, 45, "centre") == (2, 6, 32, 32)
+    assert protocols.dense_region(36, 45, "floor") == (0, 0, 32, 32)
+    np.testing.assert_array_equal(protocols.dense_input(image, "floor"), image[:32, :32])
+    np.testing.assert_array_equal(protocols.dense_input(image, "centre"), image[2:34, 6:38])
+    for pooling, view in (("floor", x[:, :32, :32]), ("centre", x[:, 2:34, 6:38]), ("ceil", x)):
+        result = _run(net, _examples({36: [image]}), "dense", [36], flips="no", pooling=pooling)
+        expected = _softmax(np.asarray(apply_dense(view)).mean((1, 2))[0])
+        np.testing.assert_allclose(result["posteriors"]["dense"][0], expected, atol=2e-5)
 
 
 def test_flips_follow_training_and_the_final_step_is_reported(fake_runs, net):
     config, _, params, _, _ = net
     assert config.random_flip is False  # the demo's digits
     examples = _examples({40: _images(12, [(40, 48)] * 3)})
-    auto = evaluate.evaluate_params(config, params, method="multicrop", scales=[40], examples=examples)
-    forced = evaluate.evaluate_params(config, params, method="multicrop", scales=[40], examples=examples, flips="yes")
+    auto = evaluate.evaluate_params(config, params, TestProtocol("multicrop", [40]), examples=examples)
+    forced = evaluate.evaluate_params(config, params, TestProtocol("multicrop", [40], "yes"), examples=examples)
     assert auto["flips"] is False and forced["flips"] is True
     views = [protocols.multicrop_views(e["scaled"][40], CROP, flips=False) for e in examples]
     _, _, _, apply, _ = net
@@ -536,7 +540,7 @@ def test_flips_follow_training_and_the_final_step_is_reported(fake_runs, net):
     assert np.abs(auto["posteriors"] - forced["posteriors"]).max() > 1e-4
     with pytest.raises(ValueError, match="flips"):
         protocols.resolve_flips("maybe", config)
-    report = evaluate.evaluate_checkpoints([fake_runs["net_a"]], method="center_crop", scales="36", max_examples=8)
+    report = evaluate.evaluate_checkpoints([fake_runs["net_a"]], TestProtocol("center_crop", "36"), max_examples=8)
     step = checkpoints.resolve_step(fake_runs["net_a"], "latest")
     assert report["rows"][0]["step"] == step and report["steps"] == {fake_runs["net_a"]: step}
     assert report["table"].splitlines()[0].endswith("| step | flips |")

@@ -13,7 +13,9 @@ from vgg_jax import models
 from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import loc as loc_config
 from vgg_jax.configs import validation
+from vgg_jax.evaluation import arithmetic as protocols
 from vgg_jax.localisation import arithmetic as localise
+from vgg_jax.localisation import dense as localise_dense
 from vgg_jax.localisation import evaluate as localise_eval
 from vgg_jax.training import train
 
@@ -87,6 +89,22 @@ def test_dense_boxes_map_each_cell_through_its_window_and_flips_back():
     np.testing.assert_allclose(localise.flip_boxes(localise.flip_boxes(corners)), corners, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling, region", [("ceil", (0, 0, 80, 100)), ("centre", (8, 2, 64, 96))])
+def test_cell_boxes_map_back_through_the_region_the_net_saw_and_its_mirror(pooling, region):
+    """Protocol 2's geometry: a cell's box is window-relative, the window lies in the pooling rule's region."""
+    assert protocols.dense_region(80, 100, pooling) == region
+    top, left, rows, cols = region
+    cells = protocols.dense_map_size(rows, cols, 64)
+    maps = np.zeros((2, *cells, 4), np.float32)
+    maps[:, 0, 1] = [0.5, 0.5, 0.5, 0.5]  # cell (0, 1): a centred half-size box in the window at (0, 32)
+    image_view, mirror_view = localise_dense.cell_boxes(maps, (80, 100), pooling, 64)
+    expected = np.asarray([top + 16, left + 48, top + 48, left + 80]) / np.asarray([80, 100, 80, 100])
+    np.testing.assert_allclose(image_view.reshape(*cells, 4)[0, 1], expected, atol=1e-6)
+    # The mirror's cell (0, 1) sees the window at (0, 32) of the mirrored region: x ↦ left + cols − x.
+    mirrored = np.asarray([top + 16, left + cols - 80, top + 48, left + cols - 48]) / np.asarray([80, 100, 80, 100])
+    np.testing.assert_allclose(mirror_view.reshape(*cells, 4)[0, 1], np.clip(mirrored, 0, 1), atol=1e-6)
+
+
 def test_greedy_merge_averages_close_boxes_and_ranks_by_summed_score():
     boxes = np.asarray([[0, 0, 0.5, 0.5], [0.02, 0.02, 0.52, 0.52], [0.6, 0.6, 1, 1]], np.float32)
     merged, scores = localise.greedy_merge(boxes, np.asarray([0.3, 0.3, 0.5]), merge_iou=0.5)
@@ -110,7 +128,11 @@ def test_top5_rule():
 
 @pytest.mark.parametrize("arg", ["", "scr", "fc6-fc7", "scale=384", "demo", "demo,scr,fc6-fc7", "demo,classifier"])
 def test_localisation_configs_validate(arg):
-    validation.validate(loc_config.get_config(arg))
+    config = loc_config.get_config(arg)
+    with pytest.raises(ValueError, match="config.warm_start.checkpoint=''"):  # every stage starts from a run
+        validation.validate(config)
+    config.warm_start.checkpoint = "runs/cls"
+    validation.validate(config)
 
 
 def test_localisation_config_choices():
@@ -140,6 +162,7 @@ def test_bad_localisation_fields_are_named():
 
 def tiny(arg, **overrides):
     config = loc_config.get_config(arg)
+    config.warm_start.layers = () if "classifier" in arg else config.warm_start.layers  # tests: from random init
     config.model.width_multiplier, config.model.fc_width = 1 / 16, 16
     config.global_batch_size, config.eval_batch_size, config.shuffle_buffer = 8, 120, 64
     config.num_train_steps, config.eval_every_steps, config.log_every_steps, config.checkpoint_every_steps = 4, 4, 2, 4
@@ -188,13 +211,17 @@ def test_notebook_api_localises_photos(tiny_runs):
 
 
 def test_both_protocols_report_table_rows(tiny_runs, capsys):
-    args = [f"--checkpoint={tiny_runs['pcr']}", f"--checkpoint={tiny_runs['scr']}", "--max_examples=3"]
-    assert localise_eval.main(args + ["--protocol=both", "--scales=48,64"]) == 0
+    args = [f"--checkpoint={tiny_runs['pcr']}", "--scales=80", f"--checkpoint={tiny_runs['scr']}", "--scales=80,96"]
+    args += ["--classifier_scales=64,80", "--max_examples=3"]
+    assert localise_eval.main(args + ["--protocol=both"]) == 0
     out = capsys.readouterr().out
     assert "protocol 1" in out and "protocol 2" in out
     rows = [line for line in out.splitlines() if " S=" in line]
     assert len(rows) == 3  # two protocol-1 rows, one fused protocol-2 row (union of both nets' boxes)
-    assert all(0 <= float(cell) <= 100 for row in rows for cell in row.strip("|").split("|")[2:])
+    assert "at Q=80 + " in rows[2] and "at Q=80,96 |" in rows[2] and "A both Q=64,80" in rows[2], rows[2]
+    assert all(0 <= float(cell) <= 100 for row in rows for cell in row.strip("|").split("|")[-1:])
+    assert localise_eval.main(args[:4] + ["--scales=64", "--protocol=dense"]) == 2  # 3 --scales for 2 nets
+    assert "given 3 times for 2 nets" in capsys.readouterr().err
 
 
 def test_localisation_notebook_runs(tiny_runs, monkeypatch):

@@ -67,9 +67,12 @@ def test_embedded_canvas_box_is_the_painted_digit_exactly():
     digit = np.zeros((8, 8), np.int64)
     digit[2:6, 3:5] = 16
     image, (top, left, bottom, right) = embedded_loc.place_digit(digit, np.random.default_rng(0))
-    ink = image[..., 0] == 255
+    assert image.shape == (96, 96, 3)
+    ink = image[..., 0] > 31  # brighter than any background pixel
     rows, cols = np.nonzero(ink)
     assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (top, left, bottom, right)
+    assert image[top:bottom, left:right, 0].max() == 255
+    assert 4 * min(embedded_loc.FACTORS) <= bottom - top <= 4 * max(embedded_loc.FACTORS) + 8  # 4 rows, enlarged
     again, _ = embedded_loc.place_digit(digit, np.random.default_rng(0))
     np.testing.assert_array_equal(image, again)  # deterministic
 
@@ -86,12 +89,12 @@ def test_box_streams_carry_boxes_of_the_image_class():
     config = demo_config()
     assert sources.dataset_metadata(config).num_classes == 10
     batch = next(boxes.create_train_iterator(config))
-    assert batch["image"].shape == (8, 32, 32, 3) and batch["boxes"].shape == (8, 1, 4)
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["boxes"].shape == (8, 1, 4)
     assert batch["box_mask"].all()
     evaluation = next(boxes.create_eval_iterator(config))
     assert set(evaluation) == {"image", "label", "boxes", "box_mask", "mask"}
     whole = next(iter(boxes.load_eval_images(config)))
-    assert whole["image"].shape == (64, 64, 3)
+    assert whole["image"].shape == (96, 96, 3)
     box = whole["boxes"].numpy()[0]
     assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
 

@@ -6,14 +6,16 @@ protocols.py that departs from it fails here. The numbers are written out, not i
 
 import inspect
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import layers, models
+from vgg_jax import layers, models, preprocess
 from vgg_jax.configs import common, fields
 from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.training import optim
 
 
@@ -48,6 +50,19 @@ def test_weight_decay_applies_to_weights_not_biases_and_is_coupled():
     updates, _ = optimizer.update(zeros, state, params)
     np.testing.assert_allclose(updates["conv1_1"]["kernel"], -1e-2 * 5e-4, rtol=1e-6)
     np.testing.assert_allclose(updates["conv1_1"]["bias"], 0.0)
+
+
+def test_weight_decay_is_coupled_through_momentum():
+    """§3.1 (PAPER.md): L2 added to the loss, so it passes through momentum: with zero loss gradients the second
+    update is −lr·(1 + 0.9)·wd·w (decoupled, AdamW-style decay would give −lr·wd·w at every step)."""
+    config = common.get_config("D")
+    params = {"fc8": {"kernel": jnp.full((2, 2), 3.0)}}
+    optimizer = optim.create_optimizer(config, steps_per_epoch=10)
+    state = optimizer.init(params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    _, state = optimizer.update(zeros, state, params)
+    updates, _ = optimizer.update(zeros, state, params)
+    np.testing.assert_allclose(updates["fc8"]["kernel"], -1e-2 * 1.9 * 5e-4 * 3.0, rtol=1e-6)
 
 
 def test_momentum_is_in_the_optimiser():
@@ -123,3 +138,103 @@ def test_test_scales_and_crops():
     assert protocols.GRID == 5
     image = np.zeros((256, 300, 3), np.uint8)
     assert protocols.multicrop_views(image, 224).shape == (50, 224, 224, 3)
+
+
+# ----------------------------------------------------------------------------- augmentation and preprocessing
+
+
+def test_mean_rgb_and_pca_colour_shift_constants(config):
+    """§1/§3.1: Caffe's mean RGB; Krizhevsky's PCA lighting noise with α ~ N(0, 0.1²) and ImageNet's eigen pairs."""
+    assert preprocess.CAFFE_MEAN_RGB == (123.68, 116.779, 103.939)
+    assert tuple(config.mean_rgb) == (123.68, 116.779, 103.939)
+    assert config.color_shift_std == 0.1
+    eigval = np.array([0.2175, 0.0188, 0.0045]) * 255.0  # on 0–255 pixels
+    eigvec = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    key = jax.random.key(3)
+    alpha = np.asarray(jax.random.normal(key, (2, 3), jnp.float32)) * 0.1
+    expected = (alpha * eigval) @ eigvec.T  # (2, 3): Σ_i α_i λ_i v_i per image
+    shifted = np.asarray(preprocess.color_shift(jnp.zeros((2, 1, 1, 3)), key, 0.1))[:, 0, 0]
+    np.testing.assert_allclose(shifted, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_crops_are_flipped_half_the_time():
+    """§3.1: a random horizontal flip per crop (the paper's configs; the digit demos turn it off)."""
+    import tensorflow as tf
+
+    from vgg_jax.data import image_ops
+
+    assert all(common.get_config(v).random_flip is True for v in ("A", "D", "E"))
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    options = dict(scale_min=8, scale_max=8, crop=8, flip=True)  # the crop is the whole image
+    flips = []
+    for seed in range(16):
+        crop, details = image_ops.random_rescaled_crop(tf.constant(pixels), tf.constant([seed, 1]), **options)
+        flips.append(bool(details["flipped"]))
+        np.testing.assert_array_equal(crop.numpy(), pixels[:, ::-1] if flips[-1] else pixels)
+    assert 4 <= sum(flips) <= 12, flips
+
+
+# ----------------------------------------------------------------------------- architecture: dropout, LRN, init
+
+
+def test_dropout_follows_fc6_and_fc7_only():
+    """§2: dropout 0.5 after fc6 and fc7 (training only), nowhere else."""
+    model = models.VGG(variant="A", num_classes=5, width_multiplier=1 / 16, fc_width=8, crop_size=32)
+    x = jnp.zeros((1, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and module.name != model.name:
+            calls.append((type(module).__name__, module.name, getattr(module, "rate", None)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: model.apply(p, x, train=True, rngs={"dropout": jax.random.key(1)}), params)
+    order = [name if kind != "Dropout" else f"dropout {rate}" for kind, name, rate in calls]
+    assert order[-5:] == ["fc6", "dropout 0.5", "fc7", "dropout 0.5", "fc8"], order
+    assert sum(kind == "Dropout" for kind, _, _ in calls) == 2
+
+
+def test_lrn_sits_after_conv1_1_relu_and_before_pool1():
+    """§2.2: A-LRN normalises relu(conv1_1) with LRN, then pools it."""
+    model = models.VGG(variant="A-LRN", num_classes=5, width_multiplier=1 / 16, fc_width=8, crop_size=32)
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 50, (1, 32, 32, 3)), jnp.float32)
+    names = ("conv1_1", "relu1_1", "norm1", "pool1")
+    params = jax.jit(model.init)(jax.random.key(0), x)
+    acts = jax.jit(lambda p: model.apply(p, x, outputs=names))(params)
+    np.testing.assert_allclose(acts["relu1_1"], jnp.maximum(acts["conv1_1"], 0), rtol=1e-6)
+    np.testing.assert_allclose(acts["norm1"], layers.local_response_norm(acts["relu1_1"]), rtol=1e-5)
+    pooled = nn.max_pool(acts["norm1"], (2, 2), strides=(2, 2))
+    np.testing.assert_allclose(acts["pool1"], pooled, rtol=1e-6)
+    assert models.feature_names("A-LRN")[:4] == ["conv1_1", "relu1_1", "norm1", "pool1"]
+
+
+def test_from_config_uses_init_std():
+    """§3.1 [choice]: N(0, init_std²) kernels; a config's init_std reaches the network."""
+    config = common.get_config("A", "demo")
+    config.model.initializer, config.model.init_std = "normal", 0.05
+    config.model.width_multiplier, config.model.fc_width = 1 / 16, 64
+    params = models.from_config(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    kernels = np.concatenate([np.ravel(params[name]["kernel"]) for name in params])
+    assert abs(kernels.std() - 0.05) < 2.5e-3
+
+
+# ----------------------------------------------------------------------------- testing: Q follows S, dense pooling
+
+
+def test_eval_scale_follows_the_training_scale():
+    """§3.2/§4: single-scale testing at Q = S (fixed S) or (Smin + Smax)/2 (jittered)."""
+    for arg, q in (("scale=256", 256), ("scale=384", 384), ("scale=320", 320), ("scale=256-512", 384)):
+        config = common.get_config("D", arg)
+        assert config.eval_scale == q and TestProtocol().resolve(config).test_scales == (q,), arg
+
+
+def test_dense_evaluation_runs_on_the_whole_image_in_the_paper_configs(config):
+    """§3.2: "the fully-convolutional net is applied to the whole (uncropped) image": ceil pools, no trim."""
+    assert protocols.PAPER_POOLING == "ceil" and config.dense_pooling == "ceil"
+    protocol = TestProtocol().resolve(config)
+    assert protocol.pooling == "ceil" and protocols.dense_region(256, 341, protocol.pooling) == (0, 0, 256, 341)
+    # A 256×341 image (4:3 at Q = 256): 8×11 pool5 cells, so 2×5 positions of the 7×7 fc6 window; no pixel left out.
+    assert protocols.dense_map_size(256, 341, 224) == (2, 5)

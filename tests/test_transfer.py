@@ -16,6 +16,7 @@ from vgg_jax.checkpointing import checkpoints
 from vgg_jax.configs import common
 from vgg_jax.evaluation import arithmetic as protocols
 from vgg_jax.evaluation import runner, transfer
+from vgg_jax.evaluation.protocol import TestProtocol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,15 +101,9 @@ def test_runner_descriptor_equals_the_notebook_api_on_any_shape(run_dir):
     shapes = {32: [(32, 45), (50, 32), (32, 32)], 40: [(40, 56), (63, 40), (40, 40)]}
     images = {q: [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes[q]] for q in shapes}
     examples = [{"index": i, "label": 0, "scaled": {q: images[q][i] for q in shapes}} for i in range(3)]
+    protocol = TestProtocol("descriptor", [32, 40], flips=True, batch_size=16).resolve(classifier.config)
     result = runner.run_evaluation(
-        classifier.model,
-        classifier.params,
-        examples,
-        methods=["descriptor"],
-        scales=[32, 40],
-        mean_rgb=classifier.config.mean_rgb,
-        batch_size=16,
-        flips=True,
+        classifier.model, classifier.params, examples, protocol, mean_rgb=classifier.config.mean_rgb
     )
     assert result["descriptors"].shape == (3, 2, 32)
     for combine in ("average", "stack"):

@@ -40,6 +40,7 @@ BAD = {
     "scale_max": [0, 256.5],
     "eval_scale": [0, -1],
     "eval_method": ["multi_crop", 1],
+    "dense_pooling": ["round", "Ceil", None, 1],
     "resize_method": ["bilinear", None],
     "random_flip": ["True", 1],
     "resample_on_device": ["yes", 1],
@@ -94,9 +95,17 @@ BAD = {
 }
 
 
+def paper_config(net, arg=None):
+    """The paper's recipe, with the run it starts from where it starts from one (§3.1: net A, or the previous S)."""
+    config = common.get_config(net, arg)
+    if validation.warm_start_layers(config.warm_start.layers):
+        config.warm_start.checkpoint = "runs/previous"
+    return config
+
+
 def default_dict():
     """The paper's recipe as the plain nested dict a config.json holds (any value can be set)."""
-    return common.get_config("D").to_dict()
+    return paper_config("D").to_dict()
 
 
 def dict_with(path):
@@ -122,7 +131,7 @@ def message(config):
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("arg", ARGS)
 def test_paper_configs_validate(net, arg):
-    validation.validate(common.get_config(net, arg))
+    validation.validate(paper_config(net, arg))
 
 
 def test_the_tests_cover_every_field_outside_app_a():
@@ -196,6 +205,11 @@ CROSS_FIELD = [  # (fields set, the one problem reported)
     ({"class_names": ["cat", "dog"]}, "config.class_names has 2 names but config.model.num_classes=1000"),
     ({"dataset": ""}, "config.dataset=''"),
     ({"keep_checkpoints": 0, "keep_best_checkpoints": 0}, "config.keep_checkpoints=0"),
+    (
+        {"warm_start.checkpoint": ""},
+        "config.warm_start.layers=('conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'fc6', 'fc7', 'fc8') "
+        "with config.warm_start.checkpoint=''",
+    ),
 ]
 
 
@@ -273,8 +287,35 @@ def test_a_group_replaced_by_a_value_is_named():
     assert "(1 problem)" in text and "config.model='D': expected a group of fields" in text
 
 
+def test_a_warm_start_without_its_run_is_refused_with_both_ways_out():
+    """§3.1: D, E (from net A) and S=384 / jittered nets (from the previous S) need a run to start from."""
+    for net, arg in (("D", None), ("E", "scale=384"), ("A", "scale=256-512")):
+        text = message(common.get_config(net, arg))
+        assert "(1 problem)" in text and "config.warm_start.checkpoint=''" in text, text
+        assert "--config.warm_start.checkpoint=RUN_DIR" in text and "--config.warm_start.layers=''" in text
+    validation.validate(common.get_config("A"))  # net A trains from random init: nothing to start from
+    config = common.get_config("D")
+    config.warm_start.layers = ()  # random init on purpose
+    validation.validate(config)
+
+
+def test_the_command_line_refuses_a_deeper_net_without_net_a_before_any_work(tmp_path):
+    """`python -m vgg_jax.main --config=configs/d.py` with no warm-start run: refused, nothing written; the second
+    way out (layers='') gets past validation (here to the next check: a data set that does not exist)."""
+    command = [sys.executable, "-m", "vgg_jax.main", "--config=configs/d.py", f"--workdir={tmp_path / 'd256'}"]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert "config.warm_start.checkpoint=''" in refused.stderr and "RUN_DIR" in refused.stderr
+    assert "--config.warm_start.layers=''" in refused.stderr
+    assert not (tmp_path / "d256").exists()
+    way_out = [*command, "--config.warm_start.layers=", "--config.dataset=no_such_set"]
+    accepted = subprocess.run(way_out, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert accepted.returncode == 1 and "warm_start" not in accepted.stderr.split("error:")[-1]
+    assert "config.dataset='no_such_set'" in accepted.stderr
+
+
 def test_config_dicts_and_their_json_validate():
-    config = common.get_config("E", "scale=256-512")
+    config = paper_config("E", "scale=256-512")
     validation.validate(config.copy_and_resolve_references())
     validation.validate(json.loads(json.dumps(config.to_dict())))  # a run's config.json: lists, not tuples
     import ml_collections

@@ -14,18 +14,10 @@ Images are always uint8 RGB NHWC with values 0–255; the run's preprocessing
 (minus ``config.mean_rgb``) is applied here. Converted weights (``convert.py``)
 have their own preprocessing absorbed into conv1_1, so they take the same input.
 
-Dense evaluation (paper §3.2, the arithmetic in `vgg_jax.evaluation.arithmetic`): each
-image is rescaled so its smaller side is Q (bilinear, antialiased), the
-fully-convolutional net gives a class score map that is spatially averaged,
-soft-maxed, and averaged with the posterior of the horizontally flipped image
-(flips="auto": only if the run trained with flips, ``config.random_flip``);
-with several Q the posteriors are averaged over scales. The App. B descriptor
-is the same with an activation map instead of the score map: global average
-over positions, averaged over the image and its flip, then over scales
-averaged or stacked, and L2-normalised at the end (`protocols.combine_scales`;
-``normalize_scales=True`` also normalises each scale first, not the paper's).
-As in `vgg_jax.evaluation.evaluate`, a side that is not a multiple of 32 is trimmed evenly at both ends first
-(`protocols.centre_trim`), so the dense windows sit where the centre crop's does.
+Dense evaluation (paper §3.2) runs under a `TestProtocol` (`clf.test_protocol(...)`) through the runner
+and compiled functions of `evaluation.evaluate`, so the numbers are evaluate's (docs/inference.md); the
+pooling rule is ``pooling=``, default the run's ``config.dense_pooling``. The App. B descriptor is the same
+with an activation map instead of the score map, L2-normalised at the end (`protocols.combine_scales`).
 """
 
 from __future__ import annotations
@@ -45,7 +37,9 @@ from etils import epath
 from vgg_jax import models, preprocess
 from vgg_jax.checkpointing import checkpoints
 from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation import executor, runner
 from vgg_jax.evaluation.arithmetic import center_crop, resize_smaller_side  # also offered to notebooks from here
+from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.runtime import paths
 
 
@@ -159,23 +153,6 @@ class Classifier:
 
         return self._jitted(("activation", layers), lambda: activation)
 
-    def _dense_posterior_fn(self, flips: bool) -> Any:
-        def posterior(variables: Any, images: jax.Array) -> jax.Array:
-            inputs = self._inputs(protocols.with_flips(images) if flips else images)
-            return protocols.dense_flip_posterior(self.model.apply(variables, inputs, dense=True), flips=flips)
-
-        return self._jitted(("dense_posterior", flips), lambda: posterior)
-
-    def _dense_descriptor_fn(self, layers: tuple[str, ...], flips: bool) -> Any:
-        """Paper App. B at one scale: each layer's map pooled globally and over the flip (`protocols`)."""
-
-        def descriptor(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-            inputs = self._inputs(protocols.with_flips(images) if flips else images)
-            maps = self.model.apply(variables, inputs, dense=True, outputs=layers)
-            return {layer: protocols.dense_flip_descriptor(value, flips=flips) for layer, value in maps.items()}
-
-        return self._jitted(("dense_descriptor", layers, flips), lambda: descriptor)
-
     # ------------------------------------------------------------------ helpers
 
     def _check_images(self, images: Any, *, crop: bool) -> np.ndarray | jax.Array:
@@ -210,15 +187,6 @@ class Classifier:
             )
         return images
 
-    def _scales(self, scales: int | Sequence[int] | None) -> tuple[int, ...]:
-        if scales is None:
-            scales = (int(self.config.eval_scale),)
-        elif isinstance(scales, int | np.integer):
-            scales = (int(scales),)
-        scales = tuple(int(q) for q in scales)
-        protocols.check_scales(scales, self.crop_size)
-        return scales
-
     def _map(self, fn: Any, images: Any) -> Any:
         """Applies `fn(variables, batch)` in chunks of `batch_size` (the last padded); NumPy (pytree) result."""
         count = len(images)
@@ -239,6 +207,39 @@ class Classifier:
                 jax.tree_util.tree_map(lambda x, real=real: np.asarray(x)[:real], fn(self._variables, chunk))
             )
         return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
+
+    # ------------------------------------------------------------------ the test protocol (evaluate's runner)
+
+    def test_protocol(
+        self,
+        method: str = "dense",
+        scales: int | Sequence[int] | None = None,
+        *,
+        flips: str | bool = "auto",
+        pooling: str | None = None,
+        layers: Sequence[str] = ("fc7",),
+    ) -> TestProtocol:
+        """The `TestProtocol` of this net (resolved): `scales` default ``config.eval_scale``, `flips` 'auto'
+        (as trained), `pooling` None (``config.dense_pooling``); batches of `batch_size` crops' worth of pixels."""
+        scales, size = int(self.config.eval_scale) if scales is None else scales, self.batch_size
+        protocol = TestProtocol(method, scales, flips, pooling, batch_size=size, layers=tuple(layers))
+        return protocol.resolve(self.config)
+
+    def run(
+        self, examples: Any, protocol: TestProtocol, *, name: str = "predict", log_every_s: float | None = None
+    ) -> dict[str, Any]:
+        """`evaluation.runner.run_evaluation` of this net: `examples` {'index', 'label', 'scaled': {Q: image}}."""
+        if not hasattr(self, "_mesh"):
+            self._mesh = runner.default_mesh()
+            self._replicated = runner.replicate(self.params, self._mesh)
+        options = dict(mean_rgb=self.mean_rgb, mesh=self._mesh, name=name, log_every_s=log_every_s)
+        return runner.run_evaluation(self.model, self._replicated, examples, protocol.resolve(self.config), **options)
+
+    def run_images(self, images: Any, protocol: TestProtocol) -> dict[str, Any]:
+        """`run` on an (N, H, W, 3) uint8 batch (or a list of images of any sizes), rescaled to each Q here."""
+        protocol = protocol.resolve(self.config)
+        examples = protocols.scaled_examples(images, protocol.test_scales)
+        return self.run(examples, protocol)
 
     # ------------------------------------------------------------------ public API
 
@@ -262,19 +263,19 @@ class Classifier:
         dense: bool = False,
         scales: int | Sequence[int] | None = None,
         flips: str | bool = "auto",
+        pooling: str | None = None,
     ) -> np.ndarray:
         """Soft-max posteriors (N, classes): of the crops, or the paper's dense multi-scale protocol.
 
         `flips` (dense): 'auto' averages with the mirrored image if the run trained with flips; 'yes'/'no'.
+        `pooling` (dense): the pooling rule (`protocols.DENSE_POOLING`); None: the run's config.
         """
         self._require_head()
         if not dense:
             return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
         images = self._check_images(images, crop=False)
-        scales = self._scales(scales)
-        function = self._dense_posterior_fn(protocols.resolve_flips(flips, self.config))
-        total = sum(self._map(function, _dense_input(images, q)) for q in scales)
-        return total / len(scales)
+        protocol = self.test_protocol("dense", scales, flips=flips, pooling=pooling)
+        return self.run_images(images, protocol)["posteriors"]["dense"]
 
     def predict(
         self,
@@ -284,15 +285,16 @@ class Classifier:
         dense: bool = False,
         scales: int | Sequence[int] | None = None,
         flips: str | bool = "auto",
+        pooling: str | None = None,
     ) -> Prediction:
         """Top-k classes with probabilities (and names where the data set has them).
 
         ``dense=False``: `images` are crops (N, crop, crop, 3). ``dense=True``:
         images of any size (at least the crop size after rescaling), rescaled
         to each Q in `scales` (default ``config.eval_scale``), dense over the
-        image and its flip, posteriors averaged (paper §3.2).
+        image and its flip, posteriors averaged (paper §3.2; `pooling` as `probabilities`).
         """
-        probabilities = self.probabilities(images, dense=dense, scales=scales, flips=flips)
+        probabilities = self.probabilities(images, dense=dense, scales=scales, flips=flips, pooling=pooling)
         k = max(1, min(int(top_k), probabilities.shape[-1]))
         ids = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
         top = np.take_along_axis(probabilities, ids, axis=-1)
@@ -312,6 +314,7 @@ class Classifier:
         combine: str = "average",
         normalize_scales: bool = False,
         flips: str | bool = "auto",
+        pooling: str | None = None,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Activations of `layer` (one of `self.layers`), or a dict of several from one forward pass.
 
@@ -322,7 +325,7 @@ class Classifier:
         averaged with the flipped image's (`flips`), then over scales
         ``combine``d ('average' → (N, C), 'stack' → (N, len(scales)·C)) and
         L2-normalised (if `normalize`; ``normalize_scales`` normalises each
-        scale first too).
+        scale first too); `pooling` as `probabilities`.
         """
         layers = (layer,) if isinstance(layer, str) else tuple(layer)
         unknown = [name for name in layers if name not in self.layers]
@@ -337,12 +340,12 @@ class Classifier:
             if combine not in ("average", "stack"):
                 raise ValueError(f"combine must be 'average' or 'stack' (paper App. B), got {combine!r}")
             images = self._check_images(images, crop=False)
-            scales = self._scales(scales)
-            function = self._dense_descriptor_fn(layers, protocols.resolve_flips(flips, self.config))
-            per_scale = [self._map(function, _dense_input(images, q)) for q in scales]
+            protocol = self.test_protocol("descriptor", scales, flips=flips, pooling=pooling, layers=layers)
+            descriptors = self.run_images(images, protocol)["descriptors"]  # (N, scales, ΣF), layers in order
+            ends = np.cumsum(executor.layer_widths(self.model, layers))
             result = {}
-            for name in layers:
-                stacked = np.stack([values[name] for values in per_scale], axis=1)  # (N, scales, C)
+            for name, start, end in zip(layers, [0, *ends[:-1]], ends, strict=True):
+                stacked = descriptors[..., start:end]  # (N, scales, C)
                 if normalize:
                     result[name] = protocols.combine_scales(stacked, combine, normalize_scales)
                 else:  # the raw pooled activations, combined the same way
@@ -356,15 +359,20 @@ class Classifier:
         *,
         top_k: int | None = None,
         scales: int | Sequence[int] | None = None,
-        flip: bool | None = None,
+        flips: str | bool | None = None,
+        pooling: str | None = None,
         merge_iou: float | None = None,
+        classifier_method: str = "both",
+        classifier_scales: int | Sequence[int] | None = None,
     ) -> Any:
         """Paper App. A, protocol 2, with this localisation net: top-k classes and one box each.
 
         `images`: uint8 RGB, an (N, H, W, 3) batch or a list of (H, W, 3) images of any sizes.
         `classifiers` give the class scores (several are fused); by default those of
-        ``config.loc.classifiers``, else the classifier this net started from (``warm_start.checkpoint``).
-        The other arguments default to ``config.loc``. Returns a `vgg_jax.localisation.dense.Localisation`
+        ``config.loc.classifiers``, else the classifier this net started from (``warm_start.checkpoint``);
+        each is tested with `classifier_method` (default 'both': dense + multi-crop, the paper's best) at
+        `classifier_scales` (default its ``eval_scale``). `scales`, `flips`, `merge_iou` and `top_k` default
+        to ``config.loc``, `pooling` to ``config.dense_pooling``. Returns a `vgg_jax.localisation.dense.Localisation`
         (boxes as normalised corners; ``.pixel_boxes(i, H, W)`` for drawing).
         """
         from vgg_jax.localisation import dense as localise_dense
@@ -377,20 +385,22 @@ class Classifier:
             empty = np.zeros((0, k), np.float32)
             return localise_dense.Localisation(empty.astype(np.int64), empty, np.zeros((0, k, 4), np.float32), None)
         if classifiers is None:
-            classifiers = self._default_classifiers()
+            classifiers = self.default_classifiers()
         classifiers = [classifiers] if isinstance(classifiers, Classifier) else list(classifiers)
         images = [self._check_images(np.asarray(image)[None], crop=False)[0] for image in images]
+        scales = scales if scales is not None else tuple(loc.test_scales)
+        box_protocol = self.test_protocol("maps", scales, flips=loc.flip if flips is None else flips, pooling=pooling)
+        class_protocols = [c.test_protocol(classifier_method, classifier_scales) for c in classifiers]
         return localise_dense.localise_images(
-            [self],
-            classifiers,
+            [(self, box_protocol)],
+            list(zip(classifiers, class_protocols, strict=True)),
             images,
-            scales=self._scales(scales if scales is not None else tuple(loc.test_scales)),
-            flip=loc.flip if flip is None else flip,
             merge_iou=loc.merge_iou if merge_iou is None else merge_iou,
             top_k=loc.top_k if top_k is None else top_k,
         )
 
-    def _default_classifiers(self) -> list[Classifier]:
+    def default_classifiers(self) -> list[Classifier]:
+        """A localisation run's classification nets: ``config.loc.classifiers``, else its warm start's run."""
         if not hasattr(self, "_classifiers"):
             spec = self.config.loc.classifiers or self.config.warm_start.checkpoint
             runs = [part.strip() for part in spec.split(",") if part.strip()]
@@ -434,8 +444,3 @@ def load(path: str, step: int | str | None = None, *, batch_size: int = 64, dtyp
     params, config, resolved = checkpoints.restore_params(directory, step)
     names = class_names_for(config, directory)
     return Classifier(config, params, step=resolved, class_names=names, batch_size=batch_size, dtype=dtype)
-
-
-def _dense_input(images: np.ndarray, scale: int) -> np.ndarray:
-    """Images rescaled to Q = `scale` and centre-trimmed to multiples of the net's stride (evaluate's default)."""
-    return protocols.centre_trim(resize_smaller_side(images, scale))

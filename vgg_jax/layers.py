@@ -92,8 +92,9 @@ def ceil_mode_pad(x: jax.Array) -> jax.Array:
     """Pads an odd height/width at the bottom/right with −inf, so a 2×2/2 max-pool rounds up (Caffe's ceil mode).
 
     Dense evaluation only (paper §3.2): the released nets ran fully convolutionally in Caffe, whose
-    pooling covers the last odd row/column; flooring would drop it at every pool, so at Q = crop + 4
-    the score map would see only the top-left crop. Crops (multiples of 32) never need it.
+    pooling covers the last odd row/column, so the score map covers the whole input. Which part of an
+    image is that input is the test protocol's pooling rule (`vgg_jax.evaluation.arithmetic.DENSE_POOLING`).
+    Crops (multiples of 32) never need it.
     """
     pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
     if not (pad_h or pad_w):

@@ -192,7 +192,7 @@ def _conv_block(
     if module.pooling == "avg":
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     else:
-        if dense and module.dense_ceil_mode:
+        if dense:
             x = ceil_mode_pad(x)
         x = max_pool_2x2(x)
     activations.append((f"pool{block + 1}", x))
@@ -225,8 +225,6 @@ class VGG(nn.Module):
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       remat: recompute each conv block in the backward pass instead of storing
         its activations (memory for compute; see bench/RESULTS.md).
-      dense_ceil_mode: with ``dense=True``, pools round up (Caffe; the score map
-        covers the whole image) instead of down; crops are unaffected.
       box_head: paper App. A localisation: 'none' (fc8 gives class scores),
         'scr' (the last layer, ``fc8_box``, regresses one box (cx, cy, w, h)
         shared by all classes: 4 outputs) or 'pcr' (one box per class:
@@ -247,7 +245,6 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
-    dense_ceil_mode: bool = True
     box_head: str = "none"
     pooling: str = "max"
 
@@ -376,7 +373,6 @@ def from_config(config: Any, *, dtype: Any = None) -> VGG:
         lrn_alpha_over_size=model.get("lrn_alpha_over_size", False),
         dtype=jnp.dtype(dtype or config.get("compute_dtype", "float32")),
         remat=bool(config.get("remat", False)),
-        dense_ceil_mode=model.get("dense_ceil_mode", True),
         box_head=model.get("box_head", "none"),
     )
 

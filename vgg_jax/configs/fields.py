@@ -32,6 +32,7 @@ from vgg_jax.configs.specs import (
     text,
     warm_start_step,
 )
+from vgg_jax.evaluation.arithmetic import DENSE_POOLING
 from vgg_jax.models import BOX_HEADS, VARIANTS
 from vgg_jax.preprocess import CAFFE_MEAN_RGB
 
@@ -152,6 +153,13 @@ FIELDS: tuple[Field, ...] = (
     Field("eval_scale", 256, integer(1), "test scale Q of the periodic validation"),
     Field(
         "eval_method", "center_crop", one_of("center_crop", "dense"), "periodic validation: centre crop or dense (§3.2)"
+    ),
+    Field(
+        "dense_pooling",
+        "ceil",
+        one_of(*DENSE_POOLING),
+        "dense testing of a side not a multiple of 32: 'ceil' the whole image (§3.2), 'centre'/'floor' cut first",
+        optional=True,
     ),
     Field(
         "resize_method",
@@ -376,7 +384,13 @@ FIELDS: tuple[Field, ...] = (
         "protocol 2's test scales Q",
         where="loc",
     ),
-    Field("loc.flip", True, boolean(), "protocol 2 also on the mirrored image (§3.2)", where="loc"),
+    Field(
+        "loc.flip",
+        "auto",
+        one_of("auto", "yes", "no"),
+        "protocol 2 also on the mirrored image (§3.2); auto: if the net trained with flips",
+        where="loc",
+    ),
     Field("loc.merge_iou", 0.5, number(0, 1), "boxes with IoU >= this are averaged [choice]", where="loc"),
     Field("loc.top_k", 5, integer(1), "classes whose boxes protocol 2 scores", where="loc"),
 )

@@ -17,7 +17,7 @@ import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vgg_jax.configs import fields
+from vgg_jax.configs import fields, specs
 from vgg_jax.configs.fields import GROUPS, Field
 from vgg_jax.configs.tree import flatten, is_group
 
@@ -139,6 +139,19 @@ def _head_present(num_classes: int, fc_width: int, include_top: Any) -> str | No
     return None
 
 
+def _warm_start_source(layers: Any, checkpoint: str) -> str | None:
+    # A deeper net or a finer scale told to start from an earlier run, without the run: it would train from
+    # random init, the case the paper says stalls (§3.1), and every number of Tables 3-6 would be another net's.
+    if specs.warm_start_layers(layers) and not checkpoint.strip():
+        return (
+            f"config.warm_start.layers={layers!r} with config.warm_start.checkpoint='': the paper starts "
+            "this net from an earlier run (net A for the deeper nets, the previous scale's net for S=384 and "
+            "jittered S). Either give that run: --config.warm_start.checkpoint=RUN_DIR, or train from random init "
+            "on purpose: --config.warm_start.layers=''"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("model.num_classes", "model.fc_width", "model.include_top"), _head_present),
     Rule(("scale_min", "scale_max"), _scale_range),
@@ -151,6 +164,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("dataset", "preprocessing"), _dataset_named),
     Rule(("model.box_head", "eval_method"), _loc_center_crop),
     Rule(("resample_on_device", "resample_canvas", "crop_size"), _canvas_holds_crop),
+    Rule(("warm_start.layers", "warm_start.checkpoint"), _warm_start_source),
 )
 # Fields a rule may see absent (passed as _MISSING rather than skipping the rule).
 _RULE_MAY_BE_MISSING = frozenset({"preprocessing", "model.include_top"})

@@ -1,9 +1,9 @@
 """Paper §3.2 testing and §4 (Tables 3–6) as pure arithmetic: views, canvases, posteriors, top-k, test scales.
 
-Pure NumPy / jnp: no TensorFlow, no I/O. The batched runner (`vgg_jax.evaluation.runner`),
-the report and command line (`vgg_jax.evaluation.evaluate`), the training loop's top-k and
-the notebook API (`vgg_jax.inference`) all take their protocol from here, so
-each rule has one definition:
+Pure NumPy / jnp: no TensorFlow, no I/O. The test protocol value
+(`vgg_jax.evaluation.protocol`), the batched runner (`vgg_jax.evaluation.runner`), the
+training loop's top-k and every consumer of the runner take their rules from
+here, so each rule has one definition:
 
 * **Test scale** Q: the smaller image side after an isotropic rescale
   (`rescaled_size`, `resize_smaller_side`); Q = S or (Smin+Smax)/2, or three
@@ -12,8 +12,9 @@ each rule has one definition:
   per scale (`multicrop_views`); 150 over three scales (`multiscale_views`).
 * **Dense**: the fully-convolutional net's class score map of the image and of
   its horizontal flip, each averaged spatially, soft-maxed, the two posteriors
-  averaged (`dense_flip_posterior`); pools round up, so the map covers the
-  whole image (`pooled_size`, `dense_map_size`). For bounded compilation the
+  averaged (`dense_flip_posterior`); pools round up, so the map covers its
+  input (`pooled_size`, `dense_map_size`); the pooling rule says which part of
+  the image that input is (`DENSE_POOLING`, `dense_region`). For bounded compilation the
   rescaled image is placed top-left on one of a few canvases (`dense_canvases`,
   `choose_canvas`, `place_on_canvas`); only the cells the unpadded image would
   produce are averaged (`top_left_mask`). Test-time flips follow the training
@@ -117,6 +118,17 @@ def resize_smaller_side(images: np.ndarray | jax.Array, size: int) -> jax.Array:
     return _resize(jnp.asarray(images), rescaled_size(height, width, size))
 
 
+def scaled_examples(images: Any, scales: Sequence[int]) -> list[dict[str, Any]]:
+    """The runner's examples {'index', 'label': 0, 'scaled': {Q: image}} of uint8 images (a batch or a list of
+    any sizes), each rescaled to every Q with `resize_smaller_side` (the notebook API's rescale)."""
+    examples = []
+    for index, image in enumerate(images):
+        batch = np.asarray(image)[None]
+        scaled = {int(q): np.asarray(resize_smaller_side(batch, int(q)))[0] for q in scales}
+        examples.append({"index": index, "label": 0, "scaled": scaled})
+    return examples
+
+
 # ----------------------------------------------------------------------------- crops and multi-crop views
 
 
@@ -189,30 +201,31 @@ def place_on_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndar
     return out, (height, width)
 
 
-def pooled_size(size: Any, pools: int, ceil: bool = True) -> Any:
-    """A side after `pools` 2×2/2 max-pools: ⌈size/2^pools⌉ in ceil mode (dense evaluation,
-    `layers.ceil_mode_pad`), else ⌊size/2^pools⌋."""
-    return -(-size // 2**pools) if ceil else size // 2**pools
+def pooled_size(size: Any, pools: int) -> Any:
+    """A side after `pools` 2×2/2 max-pools in ceil mode (dense evaluation, `layers.ceil_mode_pad`): ⌈size/2^pools⌉."""
+    return -(-size // 2**pools)
 
 
-def dense_map_size(height: Any, width: Any, crop: int, ceil: bool = True) -> tuple[Any, Any]:
-    """Score-map size of the fully-convolutional net on a height×width image (5 pools, then a k×k fc6).
+def dense_map_size(height: Any, width: Any, crop: int) -> tuple[Any, Any]:
+    """Score-map size of the fully-convolutional net on a height×width input (5 ceil-mode pools, a k×k fc6).
 
-    ⌈h/32⌉ − k + 1 cells, k = crop/32, with ceil-mode pools (`VGG.dense_ceil_mode`, the default): the
-    last cell reaches past the image, so every pixel is seen (Caffe's rounding; a floor drops up to
-    31 px at the right/bottom). Integers or arrays of them.
+    ⌈h/32⌉ − k + 1 cells, k = crop/32: the last cell reaches past a side that is not a multiple of 32, so
+    every pixel of the input is seen (Caffe's rounding). Integers or arrays of them.
     """
-    window = crop // 32
-    return pooled_size(height, 5, ceil) - window + 1, pooled_size(width, 5, ceil) - window + 1
+    window = crop // NET_STRIDE
+    return pooled_size(height, 5) - window + 1, pooled_size(width, 5) - window + 1
 
 
-# How a dense score map meets an image whose side is not a multiple of the net's total stride (32):
-# "centre" trims the remainder evenly from both ends of each side (≤ 15 px a side) so the windows are centred on
-# the image, as a centre crop is; "ceil" pads the right/bottom to the next multiple (Caffe's pooling: the map
-# covers every pixel, its last cells mostly padding); "floor" drops the remainder at the right/bottom.
-# At the paper's scales (Q a multiple of 32) only the long side has a remainder, and the three differ little;
-# at the demo's (crop 32 = one window, Q = 36) only "centre" matches the centre crop (bench/RESULTS.md).
-DENSE_POOLING = ("centre", "ceil", "floor")
+# The dense pooling rule: how the fully-convolutional net meets a side that is not a multiple of its total
+# stride (32). "ceil" runs it on the whole image: ceil-mode pools pad the right/bottom, so the map covers every
+# pixel and its last cells are partly padding (Caffe's pooling; the paper applies the net to "the whole
+# (uncropped) image"); "centre" runs it on the image trimmed evenly at both ends of each side to a multiple
+# of 32 (≤ 15 px a side), so the windows sit where a centre crop's does; "floor" on the top-left multiple of
+# 32 (what floor-mode pools keep, without the context of the dropped rows). bench/RESULTS.md, "Dense pooling",
+# measures the three where the geometry resembles the paper's; the paper's configs use PAPER_POOLING, the
+# digit demos (32-px crops on 32–40-px images, one window) "centre".
+DENSE_POOLING = ("ceil", "centre", "floor")
+PAPER_POOLING = "ceil"
 NET_STRIDE = 32
 
 
@@ -226,6 +239,22 @@ def centre_trim(image: np.ndarray, stride: int = NET_STRIDE) -> np.ndarray:
     """`image` (h, w, C) or a batch of them, centre-cropped to the largest multiple of `stride` on each side."""
     height, width = image.shape[-3:-1]
     return center_crop(image, (max(stride, height // stride * stride), max(stride, width // stride * stride)))
+
+
+def dense_region(height: int, width: int, pooling: str) -> tuple[int, int, int, int]:
+    """(top, left, h, w): the part of a height×width image the dense net runs on under `pooling` (see above)."""
+    if check_dense_pooling(pooling) == "ceil":
+        return 0, 0, height, width
+    rows, cols = max(NET_STRIDE, height // NET_STRIDE * NET_STRIDE), max(NET_STRIDE, width // NET_STRIDE * NET_STRIDE)
+    if pooling == "floor":
+        return 0, 0, rows, cols
+    return (height - rows) // 2, (width - cols) // 2, rows, cols
+
+
+def dense_input(image: np.ndarray, pooling: str) -> np.ndarray:
+    """The (h, w, C) image (or NHWC batch) cut to `dense_region`: what the dense net sees under `pooling`."""
+    top, left, rows, cols = dense_region(*image.shape[-3:-1], pooling)
+    return image[..., top : top + rows, left : left + cols, :]
 
 
 def top_left_mask(heights: jax.Array, widths: jax.Array, shape: tuple[int, int]) -> jax.Array:

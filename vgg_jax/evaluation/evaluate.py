@@ -12,13 +12,15 @@ scale Q, then classified one of these ways (``method``):
 * ``both``: the dense and multi-crop posteriors averaged (paper Table 5).
 * ``center_crop``: one centre crop, no flip (the cheap periodic validation).
 
-Test-time flips follow the training (``--flips=auto``: only if ``config.random_flip``; a
-net never shown mirrored digits is not asked about them); ``yes``/``no`` force them. The
-paper reports the final network, so ``--step=latest`` is the default (``best`` on request);
-the table and JSON name the step used. A side that is not a multiple of the net's stride (32)
-is trimmed evenly at both ends (``--dense_pooling=centre``), so the dense windows sit where
-the centre crop's does; ``ceil`` (Caffe's pooling: the map covers every pixel) and ``floor``
-are the alternatives (bench/RESULTS.md measures the three).
+The options form one `vgg_jax.evaluation.protocol.TestProtocol`, built once from the flags
+and resolved per net. Test-time flips follow the training (``--flips=auto``: only if
+``config.random_flip``; a net never shown mirrored digits is not asked about them);
+``yes``/``no`` force them. The paper reports the final network, so ``--step=latest`` is the
+default (``best`` on request); the table and JSON name the step used. Dense evaluation runs
+the net on the whole image (``--dense_pooling``, default: the run's ``config.dense_pooling``,
+``ceil`` in the paper's configs: the map covers every pixel); ``centre`` trims a side that is
+not a multiple of 32 evenly at both ends, ``floor`` keeps the top-left multiple of 32
+(bench/RESULTS.md, "Dense pooling", measures the three).
 
 Over several scales the per-scale posteriors are averaged; over several nets
 (fusion, Table 6) the per-net posteriors are averaged. Everything that is
@@ -26,13 +28,13 @@ averaged is a soft-max posterior, never a logit — except the spatial average
 of one dense score map, which the paper takes over class scores.
 
 Where things live: the protocol arithmetic (views, canvases, posteriors, top-k,
-test scales) is `vgg_jax.evaluation.arithmetic`; the batched, compiled device runner and
-its dense-canvas approximation are `vgg_jax.evaluation.runner`. This module reads the data
+test scales) is `vgg_jax.evaluation.arithmetic`; the batched device runner is `vgg_jax.evaluation.runner`,
+its compiled functions `vgg_jax.evaluation.executor`. This module reads the data
 set, computes the metrics, restores and fuses checkpoints, prints the paper's
-table and is the command line. Its former public names (`run_evaluation`,
-`dense_canvases`, `topk_errors`, …) stay importable from here.
+table and is the command line.
 
-Command line (several ``--checkpoint`` fuse the nets)::
+Command line (several ``--checkpoint`` fuse the nets; ``--scales`` once for all, or once per
+``--checkpoint`` in the same order)::
 
     python -m vgg_jax evaluate --checkpoint=runs/d --checkpoint=runs/e \\
         --method=both --scales=multi --split=validation --out=results.json
@@ -55,18 +57,12 @@ from jax.sharding import Mesh
 
 from vgg_jax import models
 from vgg_jax.checkpointing import checkpoints
-from vgg_jax.evaluation.arithmetic import (
-    DENSE_POOLING,
-    check_scales,
-    fuse_posteriors,
-    resolve_flips,
-    resolve_scales,
-    topk_errors,
-)
+from vgg_jax.evaluation.arithmetic import DENSE_POOLING, fuse_posteriors, topk_errors
+from vgg_jax.evaluation.protocol import CLASSIFICATION_METHODS, TestProtocol
 from vgg_jax.evaluation.runner import run_evaluation
 from vgg_jax.runtime import cli, parallel, paths, process
 
-METHODS = ("dense", "multicrop", "both", "center_crop")
+METHODS = CLASSIFICATION_METHODS
 METHOD_LABELS = {
     "dense": "dense",
     "multicrop": "multi-crop",
@@ -135,56 +131,39 @@ def summarize(posteriors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def evaluate_params(
     config: ml_collections.ConfigDict,
     params: Any,
+    protocol: TestProtocol | None = None,
     *,
-    method: str = "dense",
-    scales: Sequence[int] | None = None,
     split: str | None = None,
     mesh: Mesh | None = None,
     max_examples: int | None = None,
-    dense_buckets: str = "aspect",
     examples: Iterable[Mapping[str, Any]] | None = None,
     name: str = "eval",
-    flips: str | bool | None = "auto",
-    dense_pooling: str = "centre",
+    net: int = 0,
 ) -> dict[str, Any]:
     """Evaluates `params` of the net `config` describes on `split` (default config.eval_split).
 
-    `flips`: test-time horizontal flips, 'auto' (as the training: config.random_flip), 'yes' or 'no'.
-    `dense_pooling`: 'centre' (default), 'ceil' or 'floor' (`protocols.DENSE_POOLING`).
-    Returns top1_error, top5_error (fractions), loss (mean −log posterior of
-    the true class), num_examples, method, scales, flips, and 'posteriors' (N, C),
-    'labels', 'indices' for fusion; 'by_method' holds the same per component
-    ('dense', 'multicrop' for method='both'). Pass `examples` (see
-    `run_evaluation`) to bypass the data pipeline.
+    `protocol` (default: dense at Q = S, flips as trained, the config's pooling) is resolved for this net
+    (net number `net` of a fusion: its own scales). Returns top1_error, top5_error (fractions), loss (mean
+    −log posterior of the true class), num_examples, method, scales, flips, the resolved 'protocol', and
+    'posteriors' (N, C), 'labels', 'indices' for fusion; 'by_method' holds the same per component
+    ('dense', 'multicrop' for method='both'). Pass `examples` (see `run_evaluation`) to bypass the data pipeline.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    scales = [int(q) for q in (scales or [config.eval_scale])]
-    check_scales(scales, int(config.crop_size))
+    protocol = (protocol or TestProtocol()).resolve(config, net)
+    if protocol.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {protocol.method!r}")
+    scales = list(protocol.test_scales)
     split = split or config.eval_split
-    use_flips = resolve_flips(flips, config)
-    methods = ("dense", "multicrop") if method == "both" else (method,)
     if examples is None:
         full_split = _split_with_limit(split, max_examples)
         total = _num_examples(config, split, max_examples)
         examples = _scaled_examples(config, full_split, scales)
     else:
         total = max_examples
+    model = models.from_config(config)
     raw = run_evaluation(
-        models.from_config(config),
-        params,
-        examples,
-        methods=methods,
-        scales=scales,
-        mean_rgb=config.mean_rgb,
-        batch_size=int(config.eval_batch_size),
-        mesh=mesh,
-        dense_buckets=dense_buckets,
-        total_examples=total,
-        name=name,
-        flips=use_flips,
-        dense_pooling=dense_pooling,
+        model, params, examples, protocol, mean_rgb=config.mean_rgb, mesh=mesh, total_examples=total, name=name
     )
+    methods = protocol.components
     by_method = {
         m: dict(summarize(raw["posteriors"][m], raw["labels"]), posteriors=raw["posteriors"][m]) for m in methods
     }
@@ -192,9 +171,10 @@ def evaluate_params(
     return dict(
         summarize(posteriors, raw["labels"]),
         num_examples=len(raw["labels"]),
-        method=method,
+        method=protocol.method,
         scales=scales,
-        flips=use_flips,
+        flips=protocol.flips,
+        protocol=protocol,
         split=split,
         posteriors=posteriors,
         labels=raw["labels"],
@@ -244,7 +224,11 @@ class _Run:
     directory: str
     config: ml_collections.ConfigDict
     step: int
-    scales: list[int]
+    protocol: TestProtocol  # resolved for this net
+
+    @property
+    def scales(self) -> list[int]:
+        return list(self.protocol.test_scales)
 
     @property
     def net(self) -> str:
@@ -252,20 +236,21 @@ class _Run:
 
 
 def _load_runs(
-    directories: Sequence[str], scales: str | Sequence[int] | None, step: int | str | None, overrides: Mapping
+    directories: Sequence[str], protocol: TestProtocol, step: int | str | None, overrides: Mapping
 ) -> list[_Run]:
-    """Every run's config, step and test scales, and that the nets can be fused — before any evaluation."""
+    """Every run's config, step and resolved protocol, and that the nets can be fused — before any evaluation."""
     if not directories:
         raise ValueError("give at least one --checkpoint=DIR")
+    protocol.check_nets(len(directories))
     runs = []
-    for directory in directories:
+    for number, directory in enumerate(directories):
         config = checkpoints.load_config(directory, overrides)  # FileNotFoundError names a missing config.json
         resolved = checkpoints.resolve_step(directory, step)  # FileNotFoundError: no checkpoint
         try:
-            run_scales = resolve_scales(scales, config)
+            run_protocol = protocol.resolve(config, number)
         except ValueError as error:
             raise ValueError(f"{directory}: {error}") from None
-        runs.append(_Run(directory, config, resolved, run_scales))
+        runs.append(_Run(directory, config, resolved, run_protocol))
     first = runs[0]
     for run in runs[1:]:
         if int(run.config.model.num_classes) != int(first.config.model.num_classes):
@@ -310,57 +295,51 @@ def _fusion_rows(
 
 def evaluate_checkpoints(
     directories: Sequence[str],
+    protocol: TestProtocol | None = None,
     *,
-    method: str = "dense",
-    scales: str | Sequence[int] | None = None,
     split: str | None = None,
     step: int | str | None = "latest",
     out: str | None = None,
     max_examples: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
-    dense_buckets: str = "aspect",
-    flips: str | bool | None = "auto",
-    dense_pooling: str = "centre",
 ) -> dict[str, Any]:
     """Evaluates each run directory the paper's way and fuses them (posteriors averaged per example).
 
-    `step`: 'latest' (default: the final network, as the paper reports), 'best' or a number; the
-    table and JSON give the step each run used. `flips`: 'auto' follows each run's random_flip.
-    `scales`: 'single' (default) / 'multi' (the paper's for each run's
-    training scale) or explicit Qs. `overrides` replace config fields (e.g.
-    data_dir, eval_batch_size). Prints the table on process 0, writes JSON to
-    `out`, returns {'rows', 'table', 'split', 'checkpoints'}. Every check
-    (run directories, scales, class counts) happens before any evaluation.
+    `protocol` (default: dense, Q = S, flips as trained, each run's pooling rule) is resolved per run: its
+    scales once for all runs ('single' / 'multi': the paper's for each run's training scale, or explicit
+    Qs) or one entry per run. `step`: 'latest' (default: the final network, as the paper reports), 'best'
+    or a number; the table and JSON give the step each run used. `overrides` replace config fields (e.g.
+    data_dir, eval_batch_size). Prints the table on process 0, writes JSON to `out`, returns {'rows',
+    'table', 'split', 'checkpoints'}. Every check (run directories, scales, class counts) happens before
+    any evaluation.
     """
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    protocol = protocol or TestProtocol()
+    if protocol.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {protocol.method!r}")
     directories = [paths.resolve(directory) for directory in directories]
     out = paths.resolve(out) if out else None
-    runs = _load_runs(directories, scales, step, overrides or {})
+    runs = _load_runs(directories, protocol, step, overrides or {})
     split = split or runs[0].config.eval_split
     rows, results = [], []
+    method = protocol.method
     components = ("dense", "multicrop", "both") if method == "both" else (method,)
     for run in runs:
         params, _, _ = checkpoints.restore_params(run.directory, run.step)
         result = evaluate_params(
             run.config,
             params,
-            method=method,
-            scales=run.scales,
+            run.protocol,
             split=split,
             mesh=mesh,
             max_examples=max_examples,
-            dense_buckets=dense_buckets,
             name=f"eval {run.directory}",
-            flips=flips,
-            dense_pooling=dense_pooling,
         )
         results.append(result)
         for component in components:
             metrics = _component(result, method, component)
             row = _row(run.net, _train_scale(run.config), component, run.scales, metrics)
-            rows.append(dict(row, checkpoint=str(run.directory), step=run.step))
+            rows.append(dict(row, checkpoint=str(run.directory), step=run.step, protocol=run.protocol.describe()))
     if len(results) > 1:
         rows += _fusion_rows(runs, results, method, components)
     table = format_table(rows)
@@ -388,21 +367,24 @@ def _main(argv: Sequence[str]) -> None:
         overrides["eval_batch_size"] = values.eval_batch_size
     step = cli.argument("--step", checkpoints.parse_step, values.step)
     try:
+        protocol = TestProtocol(
+            method=values.method,
+            scales=values.scales or ["single"],
+            flips=values.flips,
+            pooling=values.dense_pooling,
+            buckets=values.dense_buckets,
+        )
         # The environment alone says whether this is one of several processes: the trained run's
         # `distributed` settings (a coordinator address of another job) would be stale here.
         parallel.initialize(None)
         evaluate_checkpoints(
             values.checkpoint,
-            method=values.method,
-            scales=values.scales,
+            protocol,
             split=values.split,
             step=step,
             out=values.out,
             max_examples=values.max_examples,
             overrides=overrides,
-            dense_buckets=values.dense_buckets,
-            flips=values.flips,
-            dense_pooling=values.dense_pooling,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -412,18 +394,23 @@ def _main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
     flags.DEFINE_multi_string("checkpoint", None, "Run directory (config.json + checkpoints/); repeat to fuse nets.")
     flags.DEFINE_enum("method", "dense", list(METHODS), "dense, multicrop, both (dense + multi-crop) or center_crop.")
-    flags.DEFINE_string("scales", "single", "'single' / 'multi' (the paper's Q for each run) or e.g. 256,384,512.")
+    flags.DEFINE_multi_string(
+        "scales",
+        [],
+        "'single' (default) / 'multi' (the paper's Q for each run) or e.g. 256,384,512; once for every run, or "
+        "once per --checkpoint in the same order.",
+    )
     flags.DEFINE_string("split", None, "Data set split (default: the run's eval_split); TFDS slicing allowed.")
     flags.DEFINE_string(
         "step", "latest", "'latest' (the final network, as the paper), 'best' (lowest validation top-1) or a number."
     )
     flags.DEFINE_enum(
         "dense_pooling",
-        "centre",
+        None,
         list(DENSE_POOLING),
-        "A side that is not a multiple of 32: centre (trim the remainder evenly, windows centred as a centre crop), "
-        "ceil (Caffe: pad right/bottom, the map covers every pixel) or floor (drop the right/bottom remainder). "
-        "Measured in bench/RESULTS.md, 'Dense evaluation fidelity'.",
+        "Which part of the image the dense net runs on (default: the run's config.dense_pooling): ceil (the whole "
+        "image; Caffe's pooling, the map covers every pixel), centre (sides trimmed evenly to multiples of 32) or "
+        "floor (the top-left multiple of 32). Measured in bench/RESULTS.md, 'Dense pooling'.",
     )
     flags.DEFINE_enum(
         "flips", "auto", ["auto", "yes", "no"], "Test-time horizontal flips; auto: as in training (random_flip)."

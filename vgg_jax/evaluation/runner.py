@@ -1,16 +1,19 @@
 """Paper §3.2 testing on device: batches of dense canvases and multi-crop views, compiled once per shape.
 
-`run_evaluation` turns a stream of rescaled images into per-example soft-max
-posteriors for the methods of `vgg_jax.evaluation.evaluate` (dense, multi-crop, centre
-crop), averaged over the test scales; the protocol arithmetic (views,
-canvases, flips, posteriors) is `vgg_jax.evaluation.arithmetic`.
+`run_evaluation` runs one net under one resolved test protocol
+(`vgg_jax.evaluation.protocol.TestProtocol`) on a stream of rescaled images:
+per-example soft-max posteriors (dense, multi-crop, centre crop) averaged over
+the test scales, App. B descriptors or App. A dense maps per scale. The device
+functions are `vgg_jax.evaluation.executor`'s; the arithmetic (views,
+canvases, flips, posteriors, the pooling rule) is `vgg_jax.evaluation.arithmetic`.
 
 Bounded compilation in dense evaluation, computed exactly: the rescaled image
 (smaller side Q, other side L) is placed in the top-left corner of the smallest
 of a few fixed canvases ("buckets") that holds it: (Q, L_b) for landscape,
 (L_b, Q) for portrait, with L_b = round(Q·r) for ``num_buckets`` aspect ratios r
 evenly spaced in [1, ``max_aspect``] — at most 2·num_buckets − 1 compiled shapes
-per scale. Every conv output is zeroed outside the image (`masked_dense_apply`),
+per scale. The image is first cut to the part the pooling rule runs the net on
+(`protocols.dense_input`). Every conv output is zeroed outside the image (`executor.masked_dense_apply`),
 the flip mirrors the image inside its own width, and the score map is averaged
 over the cells the image alone would produce (⌈h/32⌉−k+1 by ⌈w/32⌉−k+1, k =
 crop_size/32): the result is the per-image computation's, up to float summation
@@ -18,7 +21,7 @@ order (tested; bench/RESULTS.md, "Dense evaluation fidelity", measures the
 unmasked bucketing it replaced). An image more elongated than ``max_aspect``
 gets a canvas of its own shape on one process; with several processes (which
 must agree on a fixed list of shapes) it is centre-cropped along its long side
-to the largest canvas — the one approximation left. ``dense_buckets='exact'``
+to the largest canvas — the one approximation left. ``buckets='exact'``
 compiles one shape per distinct image shape instead (single process).
 
 Batches: every process runs the same sequence of batches (a few integers are
@@ -35,24 +38,25 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import models, preprocess
+from vgg_jax import models
 from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation import executor
+from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.runtime import parallel
 from vgg_jax.runtime.progress import Progress, format_eta
 
 Key = tuple[str, int, tuple[int, int]]  # (method, Q, shape): one compiled input shape, one queue
-CANVAS_METHODS = ("dense", "descriptor")  # whole images on canvases; the others are crops
+CANVAS_METHODS = ("dense", "descriptor", "maps")  # whole images on canvases; the others are crops
+PER_SCALE_METHODS = ("descriptor", "maps")  # kept per scale; the others' posteriors are averaged over scales
 
 
 def default_mesh() -> Mesh:
@@ -60,75 +64,7 @@ def default_mesh() -> Mesh:
     return parallel.create_mesh()
 
 
-_JIT_CACHE: dict[Any, Callable[..., Any]] = {}
-
-
-def masked_dense_apply(
-    model: models.VGG, params: Any, x: jax.Array, heights: jax.Array, widths: jax.Array, **kwargs: Any
-) -> Any:
-    """`model.apply(dense=True)` on canvases that hold each image top-left, computed as on the image alone.
-
-    Every conv's input and output are zeroed outside the image's region at their resolution (⌈h/2^b⌉
-    rows in block b+1 with ceil-mode pools, ⌊h/2^b⌋ without): the conv sees the zeros that 'SAME'
-    padding gives the unpadded image, and a pool window that straddles the border takes
-    max(post-ReLU ≥ 0, 0), the value of the ceil-mode pool of the image alone. So the score-map
-    cells of the image are those of the exact per-image computation (up to float summation order; tested).
-    """
-
-    def mask_conv(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
-        name = context.module.name or ""
-        if context.method_name != "__call__" or not name.startswith("conv"):
-            return next_fun(*args, **kwargs)
-        pools, ceil = int(name[4 : name.index("_")]) - 1, model.dense_ceil_mode
-        rows, cols = protocols.pooled_size(heights, pools, ceil), protocols.pooled_size(widths, pools, ceil)
-        inside = protocols.top_left_mask(rows, cols, args[0].shape[1:3])[..., None]
-        # Input: what 'SAME' padding shows the image alone (a floor-mode pool leaks one row); output: so the
-        # next pool's window at the border sees max(x ≥ 0, 0) = x.
-        out = next_fun(args[0] * inside.astype(args[0].dtype), *args[1:], **kwargs)
-        return out * inside.astype(out.dtype)
-
-    with nn.intercept_methods(mask_conv):
-        return model.apply({"params": params}, x, dense=True, **kwargs)
-
-
-def _compiled(
-    kind: str, model: models.VGG, mean_rgb: tuple[float, ...], mesh: Mesh, flips: bool, layer: str = "fc7"
-) -> Callable[..., Any]:
-    """One jitted function per (kind, net, mesh, flips); jit's own cache then holds one executable per shape."""
-    key = (kind, repr(model), mean_rgb, mesh, flips, layer)
-    if key in _JIT_CACHE:
-        return _JIT_CACHE[key]
-    model = model.clone(remat=False)  # inference: no backward pass; the interceptor stays outside lifted scopes
-
-    def dense(params, images, sizes, meta):
-        # images: (B, H, W, 3) uint8 canvases; sizes: (B, 2) the (h, w) of the image in the top-left corner.
-        inside = protocols.top_left_mask(sizes[:, 0], sizes[:, 1], images.shape[1:3])
-        x = jnp.where(inside[..., None], preprocess.preprocess_for_model(images, mean_rgb=mean_rgb), 0.0)
-        both = jnp.concatenate([sizes, sizes]) if flips else sizes  # a flip keeps its image's size
-        x = protocols.with_flips(x, sizes[:, 1]) if flips else x
-        outputs = {"outputs": (layer,)} if kind == "descriptor" else {}
-        maps = masked_dense_apply(model, params, x, both[:, 0], both[:, 1], **outputs)
-        maps = maps[layer] if kind == "descriptor" else maps
-        map_size = protocols.dense_map_size(sizes[:, 0], sizes[:, 1], model.crop_size, model.dense_ceil_mode)
-        cells = protocols.top_left_mask(*map_size, maps.shape[1:3])
-        if kind == "descriptor":
-            return protocols.dense_flip_descriptor(maps, cells, flips), meta
-        return protocols.dense_flip_posterior(maps, cells, flips), meta
-
-    def views(params, crops, meta):
-        # crops: (B, V, c, c, 3) uint8: every view of each image (flips included), posteriors averaged over V.
-        batch, count = crops.shape[:2]
-        x = preprocess.preprocess_for_model(crops.reshape(batch * count, *crops.shape[2:]), mean_rgb=mean_rgb)
-        logits = model.apply({"params": params}, x).astype(jnp.float32).reshape(batch, count, -1)
-        return protocols.average_posteriors(logits, axis=1), meta
-
-    replicated = NamedSharding(mesh, P())
-    function = jax.jit(views if kind == "views" else dense, out_shardings=(replicated, replicated))
-    _JIT_CACHE[key] = function
-    return function
-
-
-def _replicate(params: Any, mesh: Mesh) -> Any:
+def replicate(params: Any, mesh: Mesh) -> Any:
     """Parameters on every device of `mesh`; arrays already replicated there (training) are used as they are."""
     sharding = NamedSharding(mesh, P())
 
@@ -171,37 +107,33 @@ class _Scheduler:
         self,
         model: models.VGG,
         params: Any,
-        *,
-        methods: Sequence[str],
-        scales: Sequence[int],
-        mean_rgb: tuple[float, ...],
-        batch_size: int,
+        protocol: TestProtocol,
+        mean_rgb: Sequence[float],
         mesh: Mesh,
-        grid: int,
-        dense_buckets: str,
-        canvases: Mapping[int, list[tuple[int, int]]],
         progress: _ProgressLog,
-        flips: bool = True,
-        layer: str = "fc7",
-        dense_pooling: str = "centre",
     ):
-        model = model.clone(dense_ceil_mode=protocols.check_dense_pooling(dense_pooling) == "ceil")
-        self.trim = dense_pooling == "centre"
-        self.model, self.mesh, self.grid, self.batch_size = model, mesh, grid, batch_size
-        self.methods, self.scales = tuple(methods), list(scales)
-        self.canvases, self.dense_buckets = canvases, dense_buckets
+        self.model, self.mesh, self.protocol, self.progress = model, mesh, protocol, progress
+        self.methods, self.scales = protocol.components, list(protocol.test_scales)
+        self.grid, self.batch_size, self.flips = protocol.grid, int(protocol.batch_size), bool(protocol.flips)
+        self.canvases = {
+            q: protocols.dense_canvases(q, max_aspect=protocol.max_aspect, num_buckets=protocol.num_buckets)
+            for q in self.scales
+        }
         self.crop, self.processes = model.crop_size, jax.process_count()
-        self.params = _replicate(params, mesh)
+        self.params = replicate(params, mesh)
         self.data_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-        self.flips, self.views_per_scale = flips, grid * grid * (1 + int(flips))
-        kinds = ("dense", "descriptor", "views")
-        self.functions = {kind: _compiled(kind, model, mean_rgb, mesh, flips, layer) for kind in kinds}
+        self.views_per_scale = self.grid * self.grid * (1 + int(self.flips))
+        self.functions = {
+            method: executor.forward(
+                method if method in CANVAS_METHODS else "views", model, mean_rgb, mesh, self.flips, protocol.layers
+            )
+            for method in self.methods
+        }
         # Several processes must agree on the batches, so they share a fixed key list; one process queues any shape.
-        self.static_keys = None if dense_buckets == "exact" or self.processes == 1 else self._all_keys()
-        self.progress = progress
+        self.static_keys = None if protocol.buckets == "exact" or self.processes == 1 else self._all_keys()
         self.queues: dict[Key, list[_Item]] = {}
-        self.pending: list[tuple[str, Any]] = []
-        self.sums: dict[str, dict[int, np.ndarray]] = {m: {} for m in self.methods}
+        self.pending: list[tuple[str, int, Any]] = []
+        self.sums: dict[str, dict[int, Any]] = {m: {} for m in self.methods}
         self.counts: dict[str, dict[int, int]] = {m: {} for m in self.methods}
         self.labels: dict[int, int] = {}
 
@@ -227,10 +159,10 @@ class _Scheduler:
                     )
                 key, item = (method, q, (self.crop, self.crop)), _Item(index, label, image)
                 if method in CANVAS_METHODS:
-                    image = protocols.centre_trim(image) if self.trim else image
+                    image = protocols.dense_input(image, self.protocol.pooling)
                     canvas = protocols.choose_canvas(*image.shape[:2], self.canvases[q])
                     fits = canvas[0] >= image.shape[0] and canvas[1] >= image.shape[1]
-                    if self.dense_buckets == "exact" or (not fits and self.processes == 1):
+                    if self.protocol.buckets == "exact" or (not fits and self.processes == 1):
                         canvas = image.shape[:2]  # its own shape: exact, one more compilation
                     data, size = protocols.place_on_canvas(image, canvas)
                     key, item = (method, q, tuple(canvas)), _Item(index, label, data, size)
@@ -258,7 +190,7 @@ class _Scheduler:
         return done
 
     def finish(self) -> dict[str, Any]:
-        """Collects the batches in flight; {'indices', 'labels', 'posteriors': {method: (N, C)}} sorted by index."""
+        """Collects the batches in flight; the results sorted by example index (see `run_evaluation`)."""
         for pending in self.pending:
             self._collect(*pending)
         self.pending = []
@@ -272,10 +204,14 @@ class _Scheduler:
                 raise RuntimeError(f"{method}: examples {missing[:5]} were not evaluated once per scale")
             if method == "descriptor":
                 per_scale = [[self.sums[method][i][q] for q in self.scales] for i in indices.tolist()]
-                result["descriptors"] = np.asarray(per_scale, np.float32)  # (N, scales, F)
-                continue
-            mean = [self.sums[method][i] / len(self.scales) for i in indices.tolist()]
-            result["posteriors"][method] = np.stack(mean).astype(np.float32)
+                width = sum(executor.layer_widths(self.model, self.protocol.layers))  # for no examples: (0, S, ΣF)
+                result["descriptors"] = np.asarray(per_scale, np.float32).reshape(-1, len(self.scales), width)
+            elif method == "maps":
+                result["maps"] = [[self.sums[method][i][q] for q in self.scales] for i in indices.tolist()]
+            else:
+                mean = [self.sums[method][i] / len(self.scales) for i in indices.tolist()]
+                stacked = np.stack(mean) if mean else np.zeros((0, self.model.num_classes))
+                result["posteriors"][method] = stacked.astype(np.float32)
         return result
 
     # ------------------------------------------------------------------ batches
@@ -308,10 +244,10 @@ class _Scheduler:
     def _run_batch(self, key: Key, items: list[_Item], local: int) -> None:
         """Dispatches one global batch; its results are collected after the next one is dispatched."""
         method = key[0]
-        meta = np.zeros((local, 3), np.int32)  # index, label, valid
+        meta = np.zeros((local, 5), np.int32)  # index, label, valid, image height, width (canvases)
         data = np.zeros((local, *self._item_shape(key)), np.uint8)
         for row, item in enumerate(items):
-            meta[row] = (item.index, item.label, 1)
+            meta[row] = (item.index, item.label, 1, *item.size)
             data[row] = self._views(method, item)
         arrays = [data, meta]
         if method in CANVAS_METHODS:
@@ -319,18 +255,19 @@ class _Scheduler:
             sizes[: len(items)] = [item.size for item in items]
             arrays.insert(1, sizes)
         global_arrays = [jax.make_array_from_process_local_data(self.data_sharding, a) for a in arrays]
-        function = self.functions[method if method in CANVAS_METHODS else "views"]
-        self.pending.append((method, key[1], function(self.params, *global_arrays)))
+        self.pending.append((method, key[1], self.functions[method](self.params, *global_arrays)))
         if len(self.pending) > 1:
             self._collect(*self.pending.pop(0))
 
     def _collect(self, method: str, scale: int, outputs: Any) -> None:
         values, meta_out = jax.device_get(outputs)
         valid = meta_out[:, 2] == 1
-        indices, labels = meta_out[valid, 0].tolist(), meta_out[valid, 1].tolist()
         sums, counts = self.sums[method], self.counts[method]
-        for index, label, value in zip(indices, labels, values[valid], strict=True):
-            if method == "descriptor":  # kept per scale: App. B averages or stacks them
+        for value, (index, label, _, height, width) in zip(values[valid], meta_out[valid].tolist(), strict=True):
+            if method == "maps":  # the image's own cells of the canvas-wide maps
+                rows, cols = protocols.dense_map_size(height, width, self.crop)
+                sums.setdefault(index, {})[scale] = np.array(value[:, :rows, :cols], np.float32)
+            elif method == "descriptor":  # kept per scale: App. B averages or stacks them
                 sums.setdefault(index, {})[scale] = np.array(value, np.float32)
             else:
                 sums[index] = sums[index] + value if index in sums else np.array(value, np.float32)
@@ -342,7 +279,7 @@ class _Scheduler:
 class _ProgressLog:
     """Batches done, images/s and ETA, logged by process 0 at most every `every_s` seconds (`progress.Progress`)."""
 
-    def __init__(self, name: str, total: int | None, components: int, every_s: float):
+    def __init__(self, name: str, total: int | None, components: int, every_s: float | None):
         self.name, self.components, self.every_s = name, components, every_s
         self.progress = Progress(total)
         self.last = time.perf_counter()
@@ -351,10 +288,12 @@ class _ProgressLog:
     def update(self, units: int) -> None:
         self.batches += 1
         self.units += units  # one unit: one example at one (method, scale)
-        if time.perf_counter() - self.last >= self.every_s:
+        if self.every_s is not None and time.perf_counter() - self.last >= self.every_s:
             self.log()
 
     def log(self, final: bool = False) -> None:
+        if self.every_s is None:  # the caller reports progress itself
+            return
         self.last = time.perf_counter()
         images = self.units // self.components
         rate, eta = self.progress.measure(images)
@@ -369,62 +308,34 @@ def run_evaluation(
     model: models.VGG,
     params: Any,
     examples: Iterable[Mapping[str, Any]],
+    protocol: TestProtocol,
     *,
-    methods: Sequence[str],
-    scales: Sequence[int],
     mean_rgb: Sequence[float],
-    batch_size: int,
     mesh: Mesh | None = None,
-    grid: int = protocols.GRID,
-    dense_buckets: str = "aspect",
-    max_aspect: float = 2.0,
-    num_buckets: int = 5,
     chunk_examples: int | None = None,
     total_examples: int | None = None,
     name: str = "eval",
-    log_every_s: float = 10.0,
-    flips: bool = True,
-    layer: str = "fc7",
-    dense_pooling: str = "centre",
+    log_every_s: float | None = 10.0,
 ) -> dict[str, Any]:
-    """Per-example posteriors of this process's `examples` (every process gets everyone's); paper §3.2.
+    """One net under a resolved `protocol`, on this process's `examples` (every process gets everyone's results).
 
-    `examples` yields {'index', 'label', 'scaled': {Q: uint8 (h, w, 3) rescaled to Q}}.
-    `methods` ⊆ ('dense', 'multicrop', 'center_crop', 'descriptor'); `batch_size` is the
-    global batch in crops: a multi-crop step holds batch_size/50 images, a
-    dense step about the same number of pixels (both rounded to a multiple of
-    the device count). `flips`: add the horizontal flips (dense, multi-crop, descriptor).
-    `dense_pooling`: how the dense map meets a side that is not a multiple of 32 (`protocols.DENSE_POOLING`);
-    it decides the pooling rule here, whatever `model.dense_ceil_mode` says.
-    Returns {'indices', 'labels', 'posteriors': {method: (N, C)}}, rows sorted
-    by index, each posterior averaged over `scales`; with 'descriptor' also
-    'descriptors' (N, len(scales), F): App. B's pooled `layer` per scale, not normalised.
+    `examples` yields {'index', 'label', 'scaled': {Q: uint8 (h, w, 3) rescaled to Q}} for every Q of the
+    protocol. Its batch is the global batch in crops: a multi-crop step holds batch/50 images, a dense step
+    about the same number of pixels (both rounded to a multiple of the device count). `log_every_s`: a
+    progress line at most that often (None: none).
+    Returns {'indices', 'labels', 'posteriors': {method: (N, C)}} (rows sorted by index, each posterior
+    averaged over the scales); for 'descriptor' also 'descriptors' (N, scales, ΣF): App. B's pooled layers
+    per scale, not normalised; for 'maps' also 'maps': per example, per scale, the (1 + flips, h, w, D) map
+    of the last layer over the image's own cells (the mirror's cells in the mirror's frame).
     """
-    protocols.check_scales(scales, model.crop_size)
-    unknown = set(methods) - {"dense", "multicrop", "center_crop", "descriptor"}
-    if unknown:
-        raise ValueError(f"unknown evaluation method(s) {sorted(unknown)}")
-    if dense_buckets not in ("aspect", "exact"):
-        raise ValueError(f"dense_buckets must be 'aspect' or 'exact', got {dense_buckets!r}")
-    if dense_buckets == "exact" and jax.process_count() > 1:
+    if not protocol.resolved:
+        raise ValueError("run_evaluation needs a resolved TestProtocol: protocol.resolve(config)")
+    protocols.check_scales(protocol.test_scales, model.crop_size)
+    if protocol.buckets == "exact" and jax.process_count() > 1:
         raise ValueError("dense_buckets='exact' compiles per image shape and needs one process; use 'aspect'")
-    scheduler = _Scheduler(
-        model,
-        params,
-        methods=methods,
-        scales=scales,
-        mean_rgb=tuple(float(v) for v in mean_rgb),
-        batch_size=batch_size,
-        mesh=mesh or default_mesh(),
-        grid=grid,
-        dense_buckets=dense_buckets,
-        canvases={q: protocols.dense_canvases(q, max_aspect=max_aspect, num_buckets=num_buckets) for q in scales},
-        progress=_ProgressLog(name, total_examples, len(methods) * len(scales), log_every_s),
-        flips=flips,
-        layer=layer,
-        dense_pooling=dense_pooling,
-    )
-    local_chunk = chunk_examples or max(8, batch_size // jax.process_count())
+    progress = _ProgressLog(name, total_examples, len(protocol.components) * len(protocol.test_scales), log_every_s)
+    scheduler = _Scheduler(model, params, protocol, mean_rgb, mesh or default_mesh(), progress)
+    local_chunk = chunk_examples or max(8, int(protocol.batch_size) // jax.process_count())
     iterator = iter(examples)
     exhausted = False
     while True:

@@ -3,9 +3,9 @@
 The nets stay frozen. Each image is rescaled to every test scale Q; the fc7
 map (4096-D after ReLU) of the fully-convolutional net is global-average-pooled
 and averaged with the horizontally flipped image's (`runner.run_evaluation`
-with method 'descriptor', `protocols.dense_flip_descriptor`: the one dense
-descriptor, shared with `inference.Classifier.features`; a side that is not a
-multiple of 32 is first trimmed evenly, as in dense evaluation). The scales are then
+under a `TestProtocol` with method 'descriptor': the one dense descriptor,
+shared with `inference.Classifier.features`; the net runs on the part of the
+image the pooling rule says, the whole image in the paper's configs). The scales are then
 averaged or stacked and the result L2-normalised (`protocols.combine_scales`);
 several nets (D & E) have their descriptors stacked. A linear SVM
 (scikit-learn's `LinearSVC`, one-vs-rest) is trained on the target set, its C
@@ -42,7 +42,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -52,6 +52,7 @@ from absl import flags
 from vgg_jax import models
 from vgg_jax.checkpointing import checkpoints
 from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.evaluation.runner import run_evaluation
 from vgg_jax.runtime import cli, paths, process
 
@@ -236,6 +237,18 @@ def _examples(builder: Any, splits: Sequence[str], scales: Sequence[int], labels
             index += 1
 
 
+def net_descriptors(
+    config: Any, params: Any, examples: Iterable[dict], protocol: TestProtocol, *, name: str = "descriptors"
+) -> dict[str, Any]:
+    """One net's App. B descriptors of `examples` ({'index', 'label', 'scaled': {Q: image}}) under `protocol`
+    (method 'descriptor'): {'indices', 'descriptors' (N, scales, F) pooled per scale, not normalised}."""
+    protocol = protocol.resolve(config)
+    if protocol.method != "descriptor":
+        raise ValueError(f"App. B descriptors need method='descriptor', got {protocol.method!r}")
+    model = models.from_config(config)
+    return run_evaluation(model, params, examples, protocol, mean_rgb=config.mean_rgb, name=name)
+
+
 def descriptors(
     directories: Sequence[str],
     builder: Any,
@@ -245,31 +258,25 @@ def descriptors(
     combine: str = "average",
     normalize_scales: bool = False,
     flips: str | bool = "auto",
+    dense_pooling: str | None = None,
     step: int | str | None = "latest",
     batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """App. B descriptors of every example of `splits` (in order), the nets' stacked (D & E).
 
+    `flips`, `dense_pooling` (None: each net's config) and `batch_size` form the `TestProtocol` of every net.
     Returns (N, D) float32 features, (N,) or (N, classes) targets, (N,) the index into `splits`, multi-label flag.
     """
     multilabel, num_classes = _label_kind(builder)
+    scales = [int(q) for q in scales]
+    protocol = TestProtocol("descriptor", scales, flips=flips, pooling=dense_pooling, batch_size=batch_size)
     per_net, labels, indices = [], _Labels(multilabel, num_classes), np.zeros(0, np.int64)
     for directory in directories:
         params, config, _ = checkpoints.restore_params(directory, step)
-        protocols.check_scales(scales, int(config.crop_size))
+        protocol.resolve(config)  # the scales against the crop, before the data is read
         labels = _Labels(multilabel, num_classes)
-        result = run_evaluation(
-            models.from_config(config),
-            params,
-            _examples(builder, splits, scales, labels),
-            methods=["descriptor"],
-            scales=scales,
-            mean_rgb=config.mean_rgb,
-            batch_size=int(batch_size or config.eval_batch_size),
-            flips=protocols.resolve_flips(flips, config),
-            layer="fc7",
-            name=f"descriptors {directory}",
-        )
+        examples = _examples(builder, splits, scales, labels)
+        result = net_descriptors(config, params, examples, protocol, name=f"descriptors {directory}")
         indices = result["indices"]
         per_net.append(protocols.combine_scales(result["descriptors"], combine, normalize_scales))
     features = np.concatenate(per_net, axis=1).astype(np.float32)
@@ -298,7 +305,7 @@ def run_transfer(
     """Paper App. B end to end: descriptors, SVM(s), the metric (mean ± std over splits); a Table 11-style row.
 
     `train_split` defaults to 'train+validation' (VOC's trainval) for multi-label sets, else 'train'.
-    `descriptor_options`: combine/normalize_scales/flips/step/batch_size of `descriptors`.
+    `descriptor_options`: normalize_scales/flips/dense_pooling/step/batch_size of `descriptors`.
     """
     if jax.process_count() > 1:
         raise ValueError("vgg_jax.evaluation.transfer runs on one process (the SVM and the labels are host-side)")
@@ -387,6 +394,7 @@ def _main(argv: Sequence[str]) -> None:
             seed=values.seed,
             normalize_scales=values.normalize_scales,
             flips=values.flips,
+            dense_pooling=values.dense_pooling,
             step=step,
             batch_size=values.batch_size,
         )
@@ -415,6 +423,12 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_splits", 3, "How many random per-class splits (mean ± std reported).")
     flags.DEFINE_string("c_grid", ",".join(str(c) for c in C_GRID), "SVM C values tried on the held-out 20 %.")
     flags.DEFINE_enum("flips", "auto", ["auto", "yes", "no"], "Average with the flipped image; auto: as trained.")
+    flags.DEFINE_enum(
+        "dense_pooling",
+        None,
+        list(protocols.DENSE_POOLING),
+        "Which part of the image the dense net runs on (default: the run's config.dense_pooling; as evaluate).",
+    )
     flags.DEFINE_string("step", "latest", "Checkpoint step: 'latest' (final net), 'best' or a number.")
     flags.DEFINE_integer("batch_size", None, "Global batch in crops' worth of pixels (default: eval_batch_size).")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir.")

@@ -131,6 +131,16 @@ def dense_boxes(box_map: np.ndarray, image_size: tuple[int, int], crop: int, str
     return np.stack([ys[..., 0], xs[..., 0], ys[..., 1], xs[..., 1]], axis=-1)
 
 
+def region_to_image(corners: np.ndarray, region: Sequence[int], image_size: tuple[int, int]) -> np.ndarray:
+    """Corners normalised by a `region` (top, left, h, w) of an image → normalised by the image (H, W)."""
+    top, left, rows, cols = region
+    height, width = image_size
+    corners = np.asarray(corners, np.float32)
+    ys = (top + corners[..., 0::2] * rows) / height
+    xs = (left + corners[..., 1::2] * cols) / width
+    return np.stack([ys[..., 0], xs[..., 0], ys[..., 1], xs[..., 1]], axis=-1)
+
+
 def flip_boxes(corners: np.ndarray) -> np.ndarray:
     """Corners of boxes predicted on a horizontally flipped image, mapped back to the image: x → 1 − x."""
     corners = np.asarray(corners)

@@ -1,30 +1,38 @@
 """Paper App. A test protocol 2 on whole images: dense boxes, top-5 classes, greedy merging (TensorFlow-free).
 
-For each test scale Q the image is rescaled (smaller side Q) and, with its mirror (``flip``), run
-fully convolutionally (§3.2) through every localisation net — each cell of the fc8_box map gives
-boxes for the crop_size window it sees — and every classification net, whose per-cell soft-max gives
-each cell's class scores. The top-k classes are those of the classification nets' dense posteriors
-(§3.2, averaged over nets: fusion). For each such class the boxes of every cell, mirror, scale and
-localisation net (their union) are merged greedily, ranked by the cells' class scores
-(`vgg_jax.localisation.arithmetic.class_boxes`), and the best group's box, clipped to the image, is the answer.
+Every net runs through the runner of `vgg_jax.evaluation.evaluate` (`Classifier.run`) under its own resolved
+`TestProtocol`, so each localisation net and each classifier has its own test scales (Table 9's fusion
+row: the S = 256 net at Q = 256 and the S = 384 net at Q = 352, 384), in batches:
 
-The localisation and classification nets must share the crop size, so that cell (i, j) of both
-maps sees the same window. `Classifier.localise` (the notebook API) and `vgg_jax.localisation.evaluate`
-(the table) both call `localise_images`.
+* the top-k classes are those of the best classification system given: each classification net under
+  its protocol (default dense + multi-crop, as `evaluate --method=both`), the nets' posteriors fused;
+* each localisation net gives, at each of its scales, the fc8_box map of the image and of its mirror
+  (the part of the image its pooling rule says: the whole image in the paper's configs); each cell's
+  boxes are those of the crop_size window it sees;
+* each cell's class scores are the classification nets' soft-max at that cell, under the localisation
+  net's protocol (same scales, mirror and pooling: the same windows), averaged over the nets;
+* for each top-k class the boxes of every cell, mirror, scale and localisation net (their union) are
+  merged greedily, ranked by the cells' class scores (`vgg_jax.localisation.arithmetic.class_boxes`), and the best
+  group's box, clipped to the image, is the answer.
+
+`Classifier.localise` (the notebook API) and `vgg_jax.localisation.evaluate` (the table) both call
+`localise_examples`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vgg_jax.evaluation import arithmetic as protocols
+from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.localisation import arithmetic as localise
+
+Net = tuple[Any, TestProtocol]  # an `inference.Classifier` and its resolved protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,71 +68,103 @@ class Localisation:
         return "\n".join(lines)
 
 
-def dense_maps(net: Any, images: Any) -> np.ndarray:
-    """(N, 2, h, w, D) float32 dense outputs of `net` (an `inference.Classifier`) on the images and their mirrors."""
-
-    def build():
-        def maps(variables: Any, x: jax.Array) -> jax.Array:
-            y = net.model.apply(variables, net._inputs(protocols.with_flips(x)), dense=True).astype(jnp.float32)
-            return jnp.stack([y[: x.shape[0]], y[x.shape[0] :]], axis=1)
-
-        return maps
-
-    return net._map(net._jitted(("dense_maps",), build), images)
+def scales_needed(nets: Sequence[Net]) -> list[int]:
+    """Every test scale Q of `nets`: the examples must hold the image rescaled to each."""
+    return sorted({q for _, protocol in nets for q in protocol.test_scales})
 
 
-def image_outputs(
-    localisers: Sequence[Any], classifiers: Sequence[Any], image: np.ndarray, scales: Sequence[int], flip: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For one image: the §3.2 dense posterior (C,) fused over classifiers and scales, every cell's boxes
-    (M, K, 4) (normalised by the image, clipped) and the cells' class scores (M, C)."""
-    boxes, scores, posteriors = [], [], []
-    for q in scales:
-        x = protocols.resize_smaller_side(np.asarray(image)[None], q)
-        size = tuple(int(v) for v in x.shape[1:3])
-        views = 2 if flip else 1
-        class_maps = [dense_maps(c, x)[0] for c in classifiers]  # (2, h, w, C): the image, its mirror
-        posteriors += [np.asarray(protocols.dense_flip_posterior(m))[0] for m in class_maps]
-        cells = np.mean([jax.nn.softmax(m, axis=-1) for m in class_maps], axis=0)[:views]
-        for net in localisers:
-            maps = dense_maps(net, x)[0][:views]
-            if maps.shape[1:3] != cells.shape[1:3]:
+def class_posteriors(classifiers: Sequence[Net], examples: Sequence[Mapping[str, Any]]) -> dict[int, np.ndarray]:
+    """{index: (C,)} the classification system's posterior: each net under its protocol, the nets fused."""
+    fused: dict[int, np.ndarray] = {}
+    for net, protocol in classifiers:
+        result = net.run(examples, protocol, name="protocol 2: classes")
+        posteriors = protocols.fuse_posteriors([result["posteriors"][m] for m in protocol.components])
+        for index, posterior in zip(result["indices"].tolist(), posteriors, strict=True):
+            fused[index] = fused.get(index, 0.0) + posterior / len(classifiers)
+    return fused
+
+
+def cell_boxes(box_maps: np.ndarray, image_size: tuple[int, int], pooling: str, crop: int) -> list[np.ndarray]:
+    """Per view (image, mirror): (cells, K, 4) corners normalised by the image, from (V, h, w, 4·K) maps."""
+    region = protocols.dense_region(*image_size, pooling)
+    per_cell = box_maps.reshape(*box_maps.shape[:3], -1, 4)
+    views = []
+    for view, maps in enumerate(per_cell):
+        corners = localise.dense_boxes(maps, region[2:], crop)  # normalised by the region the net saw
+        corners = localise.flip_boxes(corners) if view else corners  # the mirror was taken inside the region
+        corners = localise.region_to_image(corners, region, image_size)
+        views.append(np.clip(corners, 0.0, 1.0).reshape(-1, *corners.shape[-2:]))
+    return views
+
+
+def _check(localisers: Sequence[Net], classifiers: Sequence[Net]) -> None:
+    if not localisers or not classifiers:
+        raise ValueError("protocol 2 needs at least one localisation net and one classification net")
+    for net, protocol in localisers:
+        if protocol.method != "maps":
+            raise ValueError(f"a localisation net runs under method='maps', got {protocol.method!r}")
+        for classifier, _ in classifiers:
+            if classifier.crop_size != net.crop_size:
                 raise ValueError(
-                    f"the localisation net's map {maps.shape[1:3]} and the classifier's {cells.shape[1:3]} differ at "
-                    f"Q={q}: they need the same crop size (localiser {net.crop_size})"
+                    f"the localisation net's crop ({net.crop_size}) and a classifier's ({classifier.crop_size}) "
+                    "differ: protocol 2 needs the same crop size, so that a cell of both maps sees the same window"
                 )
-            per_cell = maps.reshape(*maps.shape[:3], -1, 4)
-            for view in range(views):
-                corners = localise.dense_boxes(per_cell[view], size, net.crop_size)
-                corners = localise.flip_boxes(corners) if view else corners
-                boxes.append(np.clip(corners, 0.0, 1.0).reshape(-1, *corners.shape[-2:]))
-                scores.append(np.asarray(cells[view]).reshape(-1, cells.shape[-1]))
-    widths = {b.shape[1] for b in boxes}
-    if len(widths) > 1:  # SCR and PCR nets together: each SCR box stands for every class
-        count = max(widths)
-        boxes = [np.broadcast_to(b, (b.shape[0], count, 4)) for b in boxes]
-    return np.mean(posteriors, axis=0), np.concatenate(boxes), np.concatenate(scores)
 
 
-def localise_images(
-    localisers: Sequence[Any],
-    classifiers: Sequence[Any],
-    images: Sequence[np.ndarray] | np.ndarray,
+def localise_examples(
+    localisers: Sequence[Net],
+    classifiers: Sequence[Net],
+    examples: Sequence[Mapping[str, Any]],
     *,
-    scales: Sequence[int],
-    flip: bool = True,
     merge_iou: float = 0.5,
     top_k: int = 5,
 ) -> Localisation:
-    """Protocol 2 for uint8 RGB images (any sizes): top-k classes and one merged box per class."""
-    ids, probabilities, boxes = [], [], []
-    for image in images:
-        image = np.asarray(image)
-        posterior, candidates, scores = image_outputs(localisers, classifiers, image, scales, flip)
-        top = np.argsort(-posterior, kind="stable")[: max(1, min(int(top_k), posterior.shape[-1]))]
+    """Protocol 2 for this process's `examples` ({'index', 'label', 'scaled': {Q: image}} at every Q of the
+    nets, `scales_needed`), in their order: top-k classes and one merged box per class."""
+    _check(localisers, classifiers)
+    local = {int(example["index"]): example for example in examples}
+    posteriors = class_posteriors(classifiers, examples)
+    boxes: dict[int, list[np.ndarray]] = {index: [] for index in local}
+    scores: dict[int, list[np.ndarray]] = {index: [] for index in local}
+    for net, protocol in localisers:
+        box_maps = net.run(examples, protocol, name="protocol 2: boxes")
+        class_maps = [c.run(examples, protocol, name="protocol 2: cell scores") for c, _ in classifiers]
+        for row, index in enumerate(box_maps["indices"].tolist()):
+            if index not in local:
+                continue  # another process's example: it is scored there
+            for s, q in enumerate(protocol.test_scales):
+                cells = np.mean([jax.nn.softmax(m["maps"][row][s], axis=-1) for m in class_maps], axis=0)
+                size = tuple(np.shape(local[index]["scaled"][q])[:2])
+                boxes[index] += cell_boxes(box_maps["maps"][row][s], size, protocol.pooling, net.crop_size)
+                scores[index] += [view.reshape(-1, view.shape[-1]) for view in cells]
+    k = max(1, min(int(top_k), len(next(iter(posteriors.values()))))) if posteriors else 1
+    ids, probabilities, merged = [], [], []
+    for index in local:
+        posterior, candidates = posteriors[index], boxes[index]
+        width = max(b.shape[1] for b in candidates)  # SCR and PCR nets together: an SCR box stands for every class
+        candidates = np.concatenate([np.broadcast_to(b, (b.shape[0], width, 4)) for b in candidates])
+        top = np.argsort(-posterior, kind="stable")[:k]
         ids.append(top)
         probabilities.append(posterior[top])
-        boxes.append(localise.class_boxes(candidates, scores, top, merge_iou))
-    names_of = classifiers[0].class_names
+        merged.append(localise.class_boxes(candidates, np.concatenate(scores[index]), top, merge_iou))
+    names_of = classifiers[0][0].class_names
     names = [[names_of[c] for c in row] for row in ids] if names_of is not None else None
-    return Localisation(np.asarray(ids), np.asarray(probabilities), np.asarray(boxes), names)
+    return Localisation(
+        np.asarray(ids, np.int64).reshape(-1, k),
+        np.asarray(probabilities, np.float32).reshape(-1, k),
+        np.asarray(merged, np.float32).reshape(-1, k, 4),
+        names,
+    )
+
+
+def localise_images(
+    localisers: Sequence[Net],
+    classifiers: Sequence[Net],
+    images: Sequence[np.ndarray],
+    *,
+    merge_iou: float = 0.5,
+    top_k: int = 5,
+) -> Localisation:
+    """`localise_examples` for uint8 RGB images of any sizes, rescaled to every Q here (bilinear, antialiased)."""
+    examples = protocols.scaled_examples(images, scales_needed([*localisers, *classifiers]))
+    return localise_examples(localisers, classifiers, examples, merge_iou=merge_iou, top_k=top_k)

@@ -3,12 +3,15 @@
 Importing this module registers ``sklearn_digits_loc`` with TFDS (`vgg_jax.data.sources` does so); it
 prepares from the installed scikit-learn package, no download, deterministically.
 
-Each example is a 64×64 RGB PNG canvas: a grey noise background (uniform 0..31 per pixel) with one digit
-of `sklearn.datasets.load_digits()` enlarged by an integer factor f ∈ {3, …, 6} (nearest neighbour, so
-24–48 px) at a uniform random position. The digit's pixels with value > 0 are painted as
-``max(background, round(v·255/16))``; its box is the tight box of those pixels — exact, since the
-enlargement is by whole pixels. Features follow TFDS's detection sets (e.g. ``voc``): ``image``,
-``label`` (the digit), ``objects`` = Sequence({``bbox``: BBox (ymin, xmin, ymax, xmax) / 64,
+Each example is a 96×96 RGB PNG canvas: a grey noise background (uniform 0..31 per pixel) with one digit
+of `sklearn.datasets.load_digits()` (values scaled to 0..255) enlarged by a factor f ∈ {4, 5, 6}
+(bilinear, as the classification demo's digits are: 32–48 px, a third to a half of the side) at a
+uniform random position. At the demo's S = Q = 80 a 64-px window sees 0.8 of the side and the dense map
+of the whole canvas has 2×2 windows at stride 32: an object that the centre crop may cut, and several
+overlapping windows that see it, as in the paper (224-px windows on 256×341 images). The enlarged
+digit's pixels brighter than any background pixel (> 31) replace the background; its box is the tight
+box of those pixels, exact. Features follow TFDS's detection sets (e.g. ``voc``): ``image``,
+``label`` (the digit), ``objects`` = Sequence({``bbox``: BBox (ymin, xmin, ymax, xmax) / 96,
 ``label``}) with one object, and ``index``.
 
 Splits [fixed]: the digits of `vgg_jax.data.embedded.split_indices()` (the classification demo's
@@ -24,8 +27,8 @@ from etils import epath
 
 from vgg_jax.data import embedded
 
-CANVAS = 64
-FACTORS = (3, 4, 5, 6)
+CANVAS = 96
+FACTORS = (4, 5, 6)
 COPIES = {"train": 2, "test": 1}
 NUM_TRAIN = embedded.NUM_TRAIN * COPIES["train"]
 NUM_TEST = embedded.NUM_TEST * COPIES["test"]
@@ -35,16 +38,20 @@ _SEED = 7
 def place_digit(digit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One canvas (CANVAS, CANVAS, 3) uint8 with `digit` (8×8, values 0..16) on noise, and its pixel box.
 
-    The box is (top, left, bottom, right) in pixels, bottom/right exclusive: the painted pixels' extent.
+    The box is (top, left, bottom, right) in pixels, bottom/right exclusive: the extent of the pixels the
+    digit makes brighter than any background pixel (> 31).
     """
+    from PIL import Image
+
     factor = int(rng.choice(FACTORS))
     size = 8 * factor
     top, left = (int(v) for v in rng.integers(0, CANVAS - size + 1, size=2))
     canvas = rng.integers(0, 32, size=(CANVAS, CANVAS), dtype=np.int64)
-    big = np.kron(digit, np.ones((factor, factor), digit.dtype))
-    ink = big > 0
+    grey = Image.fromarray(np.round(digit * 255.0 / 16.0).astype(np.uint8))
+    big = np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR), np.int64)
+    ink = big > 31
     window = canvas[top : top + size, left : left + size]
-    window[ink] = np.maximum(window[ink], np.round(big[ink] * 255.0 / 16.0).astype(np.int64))
+    window[ink] = big[ink]
     rows, cols = np.nonzero(ink)
     box = (top + rows.min(), left + cols.min(), top + rows.max() + 1, left + cols.max() + 1)
     rgb = np.repeat(canvas.astype(np.uint8)[:, :, None], 3, axis=2)
@@ -52,10 +59,10 @@ def place_digit(digit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 class SklearnDigitsLoc(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn's digits on 64×64 noise canvases with exact boxes (App. A demo)."""
+    """scikit-learn's digits on 96×96 noise canvases with exact boxes (App. A demo)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "64-px canvases, digits 24-48 px.", "2.0.0": "96-px canvases, smooth digits 32-48 px."}
     code_path = epath.Path(__file__)  # as in embedded.py: no importlib_resources lookup
 
     def _info(self) -> tfds.core.DatasetInfo:

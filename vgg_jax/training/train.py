@@ -27,6 +27,7 @@ from vgg_jax.checkpointing import checkpoints, run_lock
 from vgg_jax.configs import specs, validation
 from vgg_jax.data import sources, streams
 from vgg_jax.evaluation import evaluate as evaluation
+from vgg_jax.evaluation.protocol import TestProtocol
 from vgg_jax.runtime import console, devices, parallel, paths
 from vgg_jax.training import guard, optim, reporting, resume, steps, warm_start
 
@@ -109,17 +110,13 @@ def _eval_every(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 
 
 def _apply_warm_start(config: ml_collections.ConfigDict, state: steps.TrainState, tx: Any) -> steps.TrainState:
-    """Paper §3.1: deeper nets (and finer scales) start from named layers of an earlier run."""
+    """Paper §3.1: deeper nets (and finer scales) start from named layers of an earlier run.
+
+    Layers without a checkpoint never get here: `validation` refuses that config before any work.
+    """
     source = config.warm_start.checkpoint
     layers = specs.warm_start_layers(config.warm_start.layers)
-    if not source:
-        if layers:
-            logging.warning(
-                "config.warm_start.checkpoint is empty: %s starts from random init. The paper initialises "
-                "%s from a trained net A (or the previous scale's net).",
-                config.model.variant,
-                "all layers" if layers == "all" else ", ".join(layers),
-            )
+    if not source or not layers:
         return state
     source_params, source_config, step, directory = warm_start.restore(source, config.warm_start.step)
     logging.info("warm start from %s (VGG-%s, step %d)", directory, source_config.model.variant, step)
@@ -163,9 +160,8 @@ def run_validation(
     """
     split = split or config.eval_split
     if config.eval_method == "dense":
-        result = evaluation.evaluate_params(
-            config, params, method="dense", scales=[config.eval_scale], split=split, mesh=mesh
-        )
+        protocol = TestProtocol(method="dense", scales=[int(config.eval_scale)])
+        result = evaluation.evaluate_params(config, params, protocol, split=split, mesh=mesh)
         metrics = {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
         return metrics | _counts(config, split, float(result.get("num_examples", 0)))
     totals: dict[str, float] = {}
