@@ -213,14 +213,18 @@ def test_notebook_api_localises_photos(tiny_runs):
 def test_both_protocols_report_table_rows(tiny_runs, capsys):
     args = [f"--checkpoint={tiny_runs['pcr']}", "--scales=80", f"--checkpoint={tiny_runs['scr']}", "--scales=80,96"]
     args += ["--classifier_scales=64,80", "--max_examples=3"]
-    assert localise_eval.main(args + ["--protocol=both"]) == 0
+    with pytest.raises(SystemExit) as done:
+        localise_eval.run(args + ["--protocol=both"])
+    assert not done.value.code
     out = capsys.readouterr().out
     assert "protocol 1" in out and "protocol 2" in out
     rows = [line for line in out.splitlines() if " S=" in line]
     assert len(rows) == 3  # two protocol-1 rows, one fused protocol-2 row (union of both nets' boxes)
     assert "at Q=80 + " in rows[2] and "at Q=80,96 |" in rows[2] and "A both Q=64,80" in rows[2], rows[2]
     assert all(0 <= float(cell) <= 100 for row in rows for cell in row.strip("|").split("|")[-1:])
-    assert localise_eval.main(args[:4] + ["--scales=64", "--protocol=dense"]) == 2  # 3 --scales for 2 nets
+    with pytest.raises(SystemExit) as refused:  # 3 --scales for 2 nets
+        localise_eval.run(args[:4] + ["--scales=64", "--protocol=dense"])
+    assert refused.value.code == 1
     assert "given 3 times for 2 nets" in capsys.readouterr().err
 
 

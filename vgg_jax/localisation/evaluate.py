@@ -18,7 +18,6 @@ takes its shard of the images; the counts are summed over processes, so every ex
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import logging
@@ -38,7 +37,7 @@ from vgg_jax.localisation import arithmetic as localise
 from vgg_jax.localisation import boxes
 from vgg_jax.localisation import dense as localise_dense
 from vgg_jax.localisation import train as localise_train
-from vgg_jax.runtime import cli, parallel, paths, progress
+from vgg_jax.runtime import cli, parallel, paths, process, progress
 
 Net = localise_dense.Net
 CHUNK = 64  # images per protocol-2 batch of work (each net's runner batches them further)
@@ -150,7 +149,7 @@ def report(
     return lines
 
 
-def nets(args: argparse.Namespace, step: int | str) -> tuple[list[Net], list[Net]]:
+def nets(args: Any, step: int | str) -> tuple[list[Net], list[Net]]:
     """The localisation and classification nets, each with its resolved protocol — checked before any work."""
     localisers = [inference.load(paths.resolve(run), step=step) for run in args.checkpoint]
     classifiers = [inference.load(paths.resolve(run), step=step) for run in args.classifier]
@@ -167,44 +166,50 @@ def nets(args: argparse.Namespace, step: int | str) -> tuple[list[Net], list[Net
     return loc, [(net, classes_of.resolve(net.config, number)) for number, net in enumerate(classifiers)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (a bad argument or an unusable run: one `error:` line, `runtime.cli`)."""
-    return cli.run(lambda: _main(argv), argv=argv)
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_multi_string("checkpoint", None, "Localisation run(s); several: their boxes' union.")
+    flags.DEFINE_multi_string("scales", [], "Test scales Q, e.g. 352,384: once for all nets, or once per --checkpoint.")
+    flags.DEFINE_multi_string("classifier", [], "Classification run(s) giving the top-5 classes (default: loc's).")
+    flags.DEFINE_multi_string("classifier_scales", [], "single, multi or Qs; once for all, or once per --classifier.")
+    flags.DEFINE_enum("classifier_method", "both", list(CLASSIFICATION_METHODS), "The classifiers' test protocol.")
+    flags.DEFINE_enum("flips", None, ["auto", "yes", "no"], "Mirrored images too (default: config.loc.flip).")
+    flags.DEFINE_enum("dense_pooling", None, list(protocols.DENSE_POOLING), "Pooling rule (default: the run's).")
+    flags.DEFINE_string("step", "best", "'best', 'latest' or a step number, for every run.")
+    flags.DEFINE_enum("protocol", "both", ["crop", "dense", "both"], "crop: protocol 1 (Table 8); dense: 2 (Table 9).")
+    flags.DEFINE_string("split", None, "The split to test (default: config.eval_split).")
+    flags.DEFINE_integer("max_examples", 0, "Protocol 2 on the first N images (0: all).", lower_bound=0)
 
 
-def _main(argv: list[str] | None) -> int:
-    parser = cli.ArgumentParser(prog="python -m vgg_jax localise", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", action="append", required=True, help="localisation run(s); several: union")
-    parser.add_argument("--scales", action="append", default=[], help="Qs, e.g. 352,384: once, or per --checkpoint")
-    parser.add_argument("--classifier", action="append", default=[], help="classification run(s) (default: loc's)")
-    parser.add_argument("--classifier_scales", action="append", default=[], help="single, multi or Qs; once or each")
-    parser.add_argument("--classifier_method", choices=CLASSIFICATION_METHODS, default="both")
-    parser.add_argument("--flips", choices=("auto", "yes", "no"), default=None, help="default: config.loc.flip")
-    parser.add_argument("--dense_pooling", choices=protocols.DENSE_POOLING, default=None, help="default: config")
-    parser.add_argument("--step", default="best", help="'best', 'latest' or a step number, for every run")
-    parser.add_argument("--protocol", choices=("crop", "dense", "both"), default="both")
-    parser.add_argument("--split", default=None, help="default: config.eval_split")
-    parser.add_argument("--max_examples", type=int, default=0, help="protocol 2 on the first N images (0: all)")
-    args = parser.parse_args(argv)
+def _main(argv: list[str]) -> None:
+    from absl import flags
+
+    process.start_command()
+    args = flags.FLAGS
     step = cli.argument("--step", checkpoints.parse_step, args.step)
     for name, texts in (("--scales", args.scales), ("--classifier_scales", args.classifier_scales)):
         for text in texts:
             if text not in ("single", "multi"):  # Qs: one error line naming the flag, before any loading
                 cli.argument(name, cli.integers, text)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parallel.initialize(None)
-    try:
-        localisers, classifiers = nets(args, step)
-        lines = report(
-            localisers, classifiers, protocol=args.protocol, split=args.split, max_examples=args.max_examples
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    localisers, classifiers = nets(args, step)
+    lines = report(localisers, classifiers, protocol=args.protocol, split=args.split, max_examples=args.max_examples)
     if jax.process_index() == 0:
         print("\n".join(lines))
-    return 0
+
+
+def run(argv: list[str] | None = None) -> None:
+    """`vgg-jax localise` (`python -m vgg_jax localise`); `--help` lists the flags."""
+    cli.run_absl(
+        _main,
+        define=_define_flags,
+        usage="vgg-jax localise --checkpoint=LOC_RUN [--scales=Qs …] [--classifier=RUN …] [--protocol=crop|dense|both]",
+        required=("checkpoint",),
+        argv=[sys.argv[0], *argv] if argv is not None else None,
+        expected=(ValueError, FileNotFoundError),
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
