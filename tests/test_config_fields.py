@@ -69,7 +69,7 @@ def _changed(path, **changes):
 
 
 def test_validation_follows_the_declarations(monkeypatch):
-    config = common.get_config("D")
+    config = common.get_config("A")  # net A: no warm start to name
     config.momentum = 0.95
     validation.validate(config)
     monkeypatch.setattr(fields, "FIELDS", tuple(_changed("momentum", spec=specs.number(0, 0.9))))

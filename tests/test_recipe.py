@@ -57,7 +57,7 @@ def test_weight_decay_is_coupled_through_momentum():
     update is −lr·(1 + 0.9)·wd·w (decoupled, AdamW-style decay would give −lr·wd·w at every step)."""
     config = common.get_config("D")
     params = {"fc8": {"kernel": jnp.full((2, 2), 3.0)}}
-    optimizer = optim.create_optimizer(config, steps_per_epoch=10)
+    optimizer = optim.create_optimizer(config)
     state = optimizer.init(params)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     _, state = optimizer.update(zeros, state, params)

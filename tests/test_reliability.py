@@ -73,7 +73,7 @@ def test_converted_weights_as_workdir_say_what_they_are(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1), str(tmp_path / "run"))
     params, config, _ = checkpoints.restore_params(str(tmp_path / "run"))
     checkpoints.save_params_only(str(tmp_path / "weights"), params, config)  # what vgg_jax.weights.convert writes
-    with pytest.raises(ValueError, match=r"imported weights.*vgg_jax\.convert.*warm_start\.checkpoint="):
+    with pytest.raises(ValueError, match=r"imported weights.*vgg-jax convert.*warm_start\.checkpoint="):
         train.train_and_evaluate(tiny_config(), str(tmp_path / "weights"))
 
 

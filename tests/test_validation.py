@@ -21,9 +21,9 @@ ARGS = (None, "scale=256", "scale=384", "scale=256-512", "dataset=stl10", "demo"
 BAD = {
     "seed": [-1, 2**31, 1.5, "0", True],
     "model.variant": ["F", "d", 4],
-    "model.num_classes": [1, 0, 10.0, "10"],
+    "model.num_classes": [1, -1, 10.0, "10"],
     "model.width_multiplier": [0, -0.5, "1", math.nan],
-    "model.fc_width": [0, 4096.0],
+    "model.fc_width": [-1, 4096.0],
     "model.dropout_rate": [1.0, -0.1, "0.5"],
     "model.initializer": ["uniform", None],
     "model.init_std": [0.0, -1.0],
@@ -98,7 +98,7 @@ BAD = {
 def paper_config(net, arg=None):
     """The paper's recipe, with the run it starts from where it starts from one (§3.1: net A, or the previous S)."""
     config = common.get_config(net, arg)
-    if validation.warm_start_layers(config.warm_start.layers):
+    if specs.warm_start_layers(config.warm_start.layers):
         config.warm_start.checkpoint = "runs/previous"
     return config
 
@@ -353,3 +353,11 @@ def test_validation_imports_no_tensorflow():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_only_weights_without_the_head_may_have_no_classes():
+    headless = with_value(with_value(default_dict(), "model.num_classes", 0), "model.fc_width", 0)
+    with pytest.raises(ValueError, match=r"num_classes=0, model.fc_width=0: .*model.include_top=False"):
+        validation.validate(headless)
+    headless["model"]["include_top"] = False  # converted 'notop' weights: the conv layers only
+    validation.validate(headless)

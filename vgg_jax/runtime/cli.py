@@ -153,7 +153,8 @@ def run_absl(
         try:
             if check is not None:
                 check(args)
-            flags.FLAGS.unparse_flags()  # a second run in one process starts from the defaults
+            for name in names:  # a second run in one process starts from the command's defaults
+                flags.FLAGS[name].unparse()
             parsed = flags.FLAGS(args)
             missing = [name for name in required if flags.FLAGS[name].value is None]
             if missing:

@@ -27,7 +27,7 @@ from typing import Any
 
 from vgg_jax.configs.tree import flatten
 
-_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])  # vgg_jax/, every subpackage
 # Library warnings meant for library developers, or expected (the first preparation of the embedded set).
 _HARMLESS_WARNINGS = ("has no dataset_info.json", "is deprecated and will be removed")
 _TENSORFLOW_NOTICES = ("absl::InitializeLog", "oneDNN custom operations", "cpu_feature_guard", "TF-TRT Warning")

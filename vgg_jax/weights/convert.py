@@ -87,7 +87,7 @@ from vgg_jax.weights.formats import (
 )
 
 SOURCES = ("keras", "torchvision", "timm")
-IMAGENET_CLASSES_FILE = pathlib.Path(__file__).resolve().parent / "assets" / "imagenet_classes.json"
+IMAGENET_CLASSES_FILE = pathlib.Path(__file__).resolve().parents[1] / "assets" / "imagenet_classes.json"
 
 
 def preprocessing_record(source: str, weights: str) -> dict[str, str]:
