@@ -1,53 +1,14 @@
 """VGG features for perceptual and style losses: differentiable, jittable, any image size (paper §2, Table 1).
 
-The very deep nets of the paper (configs D and E: VGG-16 and VGG-19) are the
-usual feature extractors of image-synthesis losses, which compare images by
-their activations instead of their pixels:
-
-* **perceptual (feature reconstruction) loss** — mean squared (or absolute)
-  difference of activations (Johnson et al., *Perceptual Losses for Real-Time
-  Style Transfer and Super-Resolution*, ECCV 2016, eq. 2);
-* **style loss** — squared Frobenius distance of Gram matrices of activations
-  (Gatys et al., *Image Style Transfer Using CNNs*, CVPR 2016; normalised as
-  Johnson et al. eq. 3-4);
-* **LPIPS** (v0.1, VGG) — Zhang et al., *The Unreasonable Effectiveness of
-  Deep Features as a Perceptual Metric*, CVPR 2018: unit-normalised VGG-16
-  activations, squared differences weighted per channel by linear weights
-  learned from human judgements (shipped in ``vgg_jax/assets``, from the
-  ``lpips`` pip package), averaged over positions, summed over layers.
-
-Usage::
-
-    from vgg_jax import perceptual
-    net, params = perceptual.pretrained("lpips")            # VGG-16 relu1_2 … relu5_3, images in [0, 1]
-    loss = perceptual.perceptual_loss(net, params, x, y)    # x, y: float (N, H, W, 3) RGB
-    grad = jax.grad(perceptual.style_loss, argnums=2)(net, params, x, style)
-    net, params = perceptual.pretrained("lpips", source="torchvision")
-    distances = perceptual.lpips(net, params, x, y)          # (N,) LPIPS v0.1
-    maps = perceptual.lpips(net, params, x, y, spatial=True)  # (N, H, W): where the images differ
-    per_image = perceptual.perceptual_loss(net, params, x, y, reduction="none")  # (N,)
-    net, params = perceptual.pretrained("gatys_style", pooling="avg")  # Gatys et al.'s average pools
-
-`VGGFeatures` is a frozen (hashable) description of the network and input
-convention; its parameters are passed explicitly (close over them, or pass
-``net`` as a static argument of `jax.jit`). Inputs are float RGB NHWC in a
-declared range (``[0,1]``, ``[-1,1]`` or ``0-255``), mapped to the 0–255 scale
-minus the weights' mean RGB. Concrete images that cannot be in that range are
-refused with the range in the message — integer images into a float range,
-values beyond it by more than `RANGE_TOLERANCE` of its span (0–255 images into
-``[0,1]`` would give activations 255× off and a loss that trains nothing) —
-but inside `jax.jit` or `jax.grad` the images are traced and the check is
-skipped. An empty batch gives empty features; its losses are an error — the input every vgg_jax network takes (converted
-weights have their own normalisation folded into conv1_1, see convert.py).
-Only conv-stage activations are used, so any image size works as long as the
-deepest requested layer keeps one pixel after its max-pools. Activations are
-named as in `vgg_jax.models.feature_names`: ``convB_I`` (before the ReLU),
-``reluB_I`` (after), ``poolB``. Computation runs in `dtype` (float32 or
-bfloat16; parameters stay float32); losses are accumulated in float32.
-Losses reduce over the batch as ``reduction`` says: 'mean' (a scalar, the
-default), 'sum', or 'none' (one loss per image, shape (N,)).
-
-No TensorFlow is imported by this module or by what it imports.
+Configs D and E (VGG-16/19) are the usual feature extractors of image-synthesis losses: the perceptual
+loss (Johnson et al., ECCV 2016, eq. 2), the style loss on Gram matrices (Gatys et al., CVPR 2016,
+normalised as Johnson et al. eq. 3-4) and LPIPS v0.1 (Zhang et al., CVPR 2018; its linear weights,
+from the ``lpips`` package, ship in ``vgg_jax/assets``). `VGGFeatures` is a frozen, hashable
+description of the net and its input convention; parameters are passed explicitly. Images in a
+declared range are mapped to 0–255 minus the weights' mean RGB, what every vgg_jax net takes;
+concrete images that cannot be in that range are refused (0–255 images into ``[0,1]`` give a loss
+that trains nothing), traced ones go unchecked. Losses accumulate in float32. No TensorFlow is
+imported. Usage, options and conventions: docs/pretrained.md.
 """
 
 from __future__ import annotations

@@ -1,44 +1,14 @@
 """Published VGG weights in one call: download, verify, convert once, cache (paper §2 networks, Table 1).
 
-    import vgg_jax
-    clf = vgg_jax.pretrained("vgg16")                     # Keras' VGG16: the authors' released Caffe weights
-    clf = vgg_jax.pretrained("vgg19_notop")               # conv layers only (features, no classifier)
-    clf = vgg_jax.pretrained("vgg11", source="torchvision")
-    clf.predict(crops)                                    # names of the 1000 ImageNet classes
+`WEIGHTS` is the one table of files and their hashes: the MD5 ``keras.applications`` pins (Keras
+publishes no SHA-256), the SHA-256 prefix in torchvision's file names; timm's files have no verified
+hash and need ``sha256=``. The first call downloads to a temporary file, checks the hash, converts it
+with `vgg_jax.weights.convert` into a temporary run directory and renames that into the cache under a
+file lock, so an entry is complete or absent and concurrent first calls convert once; later calls stay
+offline. Usage, mirrors and the cache: docs/pretrained.md.
 
-The result is what `vgg_jax.load` returns (a `vgg_jax.inference.Classifier`).
-The first call downloads the published file to a temporary file, checks its
-hash, converts it with `vgg_jax.weights.convert` into a temporary run directory and
-renames that into the cache (an atomic rename, so a cache entry is complete or
-absent), under a file lock so that concurrent first calls convert once; later
-calls load the cache without touching the network. The downloaded file is
-deleted after conversion.
-
-Where the weights come from (one table, `WEIGHTS`):
-
-* ``keras``: VGG16 / VGG19 (configs D, E), with and without the head
-  (``vgg16_notop``): the authors' Caffe models as Keras publishes them. Checked
-  against the **MD5** that ``keras.applications`` pins for each file (Keras
-  publishes no SHA-256).
-* ``torchvision``: vgg11/13/16/19 (configs A, B, D, E), retrained by
-  torchvision. Checked against the **SHA-256 prefix** in the file name (8 hex
-  digits, what ``torch.hub`` checks); reading ``.pth`` needs torch
-  (``torch.load(weights_only=True)``, never unpickling objects).
-* ``timm``: the same torchvision weights as ``model.safetensors`` on the
-  Hugging Face hub, read without torch. vgg_jax knows no verified hash for
-  them: a download is refused unless you pass ``sha256=`` (the file's LFS
-  SHA-256 from its Hugging Face page).
-
-Offline and mirrors: ``VGG_JAX_CACHE`` (or ``cache_dir=``) sets the cache
-directory (default ``~/.cache/vgg_jax``); ``VGG_JAX_WEIGHTS_URL`` (a base URL
-or a local directory) replaces the published location of every file (same
-file names); ``url=`` names one file (a URL, ``file://`` URL or local path).
-The hash check applies to mirrors and local files too; ``sha256=`` replaces it
-(and keys the cache entry by that hash).
-
-This module is callable (``vgg_jax.pretrained(...)`` is `pretrained`), because
-importing a submodule named like a package attribute would otherwise replace
-the function with the module.
+This module is callable (``vgg_jax.pretrained(...)`` is `pretrained`): importing a submodule named
+like a package attribute would otherwise replace the function with the module.
 """
 
 from __future__ import annotations

@@ -1,27 +1,14 @@
 """Checkpoints (Orbax) and the paper's warm starts by layer name (§3.1).
 
-A run directory (a training workdir, or what `convert.py` writes) holds::
-
-    config.json          the resolved config of the run (the current one)
-    config_history.jsonl every start of a training run: time, step, config
-                         (`vgg_jax.training.resume`)
-    class_names.json     the data set's class names (training runs; converted
-                         weights keep theirs in config.json's `class_names`)
-    checkpoints/<step>/  Orbax items: 'params' (the network), 'train_state'
-                         (step, optimiser and plateau state; absent in
-                         converted weights), 'meta' (JSON: step, epoch and the
-                         validation metrics that picked the best checkpoint)
-
-A step that no longer restores (a data file cut short or missing: a full
-disk, a dead node, an interrupted copy) is passed over: resuming takes the
-newest step that restores completely and moves the damaged newer ones to
-``damaged_checkpoints/`` (never deletes them); `restore_params` (loading,
-evaluation, warm start) does the same for 'latest'/'best' without touching
-the run; an explicit damaged step is an error naming it.
-
-Warm start copies named layers from another run into freshly initialised
-parameters: net A → B…E (conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8),
-S=256 → S=384 and S=384 → jittered S (all layers).
+A run directory (a training workdir, or what `convert.py` writes) holds ``config.json``,
+``config_history.jsonl``, ``class_names.json`` and ``checkpoints/<step>/`` with the Orbax items
+'params', 'train_state' (absent in converted weights) and 'meta' (JSON: step, epoch and the
+validation metrics that picked the best checkpoint); docs/training.md describes it. A step that no
+longer restores (a full disk, a dead node) is passed over: resuming takes the newest complete step
+and moves damaged newer ones to ``damaged_checkpoints/``, never deleting them; `restore_params` skips
+them without touching the run; a damaged step asked for by number is an error naming it. Warm start
+copies named layers into fresh parameters: net A → B…E (conv1_1, conv2_1, conv3_1, conv3_2, fc6,
+fc7, fc8), S=256 → S=384 and S=384 → jittered S (all layers).
 """
 
 from __future__ import annotations

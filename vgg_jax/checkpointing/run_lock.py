@@ -1,27 +1,14 @@
 """One training run per workdir: a lock file naming its owner (paper §3.1 training is resumed, never doubled).
 
-Two trainings on one ``--workdir`` would both start from the same checkpoint,
-overwrite each other's saves and append every metrics row twice. Process 0 of
-a run holds ``<workdir>/run.lock`` — JSON: host, pid, the process's start time,
-job id, start and heartbeat times, command — from before it reads the workdir
-until it ends, normally, by an exception, or after SIGTERM's checkpoint. The
-other processes of a multi-host job take no lock of their own: they are the
-same run and follow process 0's verdict (`vgg_jax.runtime.parallel.agree`), so on a
-pod only the job's own processes use the workdir.
-
-A lock left behind by a run that died (SIGKILL, a lost host) is taken over,
-with a warning naming it, when
-
-* its host is this one and its pid is gone (or now another process);
-* its job id equals this run's (``VGG_JAX_JOB_ID``, else ``SLURM_JOB_ID``):
-  the same job restarted, e.g. requeued onto other hosts;
-* its heartbeat — rewritten every `HEARTBEAT_SECONDS` by the holder — is older
-  than `STALE_SECONDS`: the only evidence about a process on another host.
-
-Otherwise the start is refused with `WorkdirInUseError`, naming the holder.
-The lock is created with an atomic hard link; where there are none (object
-stores such as gs://, some FUSE mounts) two starts within a second of each
-other could both pass.
+Two trainings on one ``--workdir`` would start from the same checkpoint, overwrite each other's saves
+and append every metrics row twice. Process 0 holds ``<workdir>/run.lock`` (JSON: host, pid, start
+time, job id, heartbeat, command) from before it reads the workdir until it ends; the job's other
+processes follow its verdict (`vgg_jax.runtime.parallel.agree`). A lock left by a dead run is taken
+over, with a warning, when its pid on this host is gone, its job id is this run's (``VGG_JAX_JOB_ID``,
+else ``SLURM_JOB_ID``), or its heartbeat is older than `STALE_SECONDS` — the only evidence about a
+process on another host; otherwise `WorkdirInUseError` names the holder. The lock is created with an
+atomic hard link; where there are none (gs://, some FUSE mounts) two starts within a second could
+both pass.
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ def _demo(config: ml_collections.ConfigDict, dataset: str = "") -> None:
     config.global_batch_size = 64
     config.eval_batch_size = 200
     config.num_epochs = 40.0
-    # Half the paper's rate at a quarter of its batch. At 0.02 (this demo until issue 17) 2 of 3 a.py:demo
-    # seeds collapsed or diverged: conv1_1, which sees raw 0–255 pixels, moved 2–5 % of its norm per step,
+    # Half the paper's rate at a quarter of its batch. At 0.02, 2 of 3 a.py:demo seeds collapsed
+    # or diverged: conv1_1, which sees raw 0–255 pixels, moved 2–5 % of its norm per step,
     # until one batch's gradient (100× the usual) moved every layer by a third and momentum replayed it.
     # 0.005: 20 of 20 runs converged, digits and photos (bench/RESULTS.md, "Convergence"), and it learns faster.
     config.learning_rate = 0.005

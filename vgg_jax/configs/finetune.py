@@ -3,26 +3,12 @@
     python -m vgg_jax.main --config=configs/finetune.py --workdir=runs/my_photos \\
         --config.dataset=folder:~/my_photos
 
-``arg``: ``vgg16`` (default), ``vgg19``, or ``demo``: the same recipe on the README demo's narrow net
-(E at ¼ width, 32-px crops), from a run of yours (``runs/demo`` by default), in CPU minutes
-(bench/finetune.py measures it against training from scratch). The data set is a folder of JPEG/PNG images,
-``PATH/<class>/<image>`` (a fifth of each class held out as 'test') or ``PATH/train|test/<class>/<image>``
-(`vgg_jax.data.folder`); any TFDS name works too. Choices [all of them ours, none the paper's]:
-
-* **Weights**: the authors' released Caffe weights as Keras publishes them (``pretrained:vgg16``, downloaded,
-  hash-checked and converted once by `vgg_jax.pretrained`, then read from its cache); every layer is
-  copied, and fc8 — whose 1000 ImageNet classes are not yours — starts from random init (Glorot) when the
-  class count differs (logged). Their input convention comes with them: crops of 224, Caffe's mean RGB.
-* **Which layers train** (``finetune``, `vgg_jax.training.optim`): conv1_1 … conv3_3 (conv3_4 in VGG-19) are
-  frozen — edges, colours and textures transfer to any photos, and a small data set cannot improve them;
-  conv4_1 … fc7 adapt at a tenth of the rate; the new fc8 learns at the full rate (Caffe's ``lr_mult``
-  10 on a new layer over a base rate of 1e-3). ``--config.finetune.freeze_through=''`` trains every
-  layer; ``=fc7`` trains fc8 alone (a linear classifier on fc7 features).
-* **Schedule**: SGD with momentum 0.9 and L2 5e-4 as in the paper; rate 1e-2 (fc8) for 12 epochs, ÷10 for
-  the last 4 (a fixed schedule: a small folder gives a noisy validation error for the plateau rule).
-* **Augmentation**: the paper's — scale jittering S ∈ [256, 384] (validation at Q = 320), random 224²
-  crops, flips, PCA colour shift; dropout 0.5 on fc6/fc7.
-* **Batch** 32 (one GPU; a CPU runs it, slowly: VGG-16 is 15 GFLOPs per 224² image).
+``arg``: ``vgg16`` (default), ``vgg19``, or ``demo`` (the README demo's narrow net, CPU minutes).
+Every choice here is ours, not the paper's [choice]: Keras' published weights with a fresh fc8 when
+the class count differs; conv1_1 … conv3_3 frozen (early filters transfer, a small data set cannot
+improve them), conv4_1 … fc7 at a tenth of the rate, fc8 at the full rate (Caffe's ``lr_mult``); a
+fixed ÷10 schedule (a small validation split is too noisy for the plateau rule); the paper's
+augmentation; batch 32 (one GPU). The fields and their reasons: docs/finetune.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,14 @@
 """A second offline demo set, of real photographs (not digits): which photo does a patch come from?
 
-Importing this module registers ``sample_photos`` with TFDS (`vgg_jax.data.sources` does so). It prepares
-from the photographs scikit-image and scikit-learn ship (no download); scikit-image is needed
-(``pip install scikit-image``, in the ``test`` extra). It exists so that a recipe tuned on the digits
-is checked on data nobody tuned it for (issue 17; bench/convergence.py).
-
-Ten classes, one per photograph: ``astronaut``, ``chelsea`` (a cat), ``coffee``, ``rocket``, ``camera``
-(grey), ``brick``, ``grass``, ``gravel`` (grey textures) from `skimage.data`; ``china``, ``flower`` from
-`sklearn.datasets.load_sample_images`. Grey photos are copied to the three channels. An example is a
-square patch of side U[0.2, 0.4]·(the photo's smaller side) at a uniform random position, resized to
-40×40 (PIL bilinear with antialiasing) and stored as a PNG: real-photo statistics (colour, texture,
-edges) at the demo's image size.
-
-Splits [fixed]: each photo is cut into a 4×4 grid of tiles coloured like a chessboard; ``train``
-patches lie wholly inside the 8 "white" tiles, ``test`` patches inside the 8 "black" ones. No pixel is
-shared, and both splits sample every part of the scene (a left/right split, version 1.0.0, tested on
-other scenery than it trained on: the demo nets' test error wandered by ±10 points between evaluations
-while their training loss fell smoothly). 600 train and 100 test patches per class (6,000 / 1,000).
-Example k of class c draws from ``numpy.random.default_rng([11, c, split, k])``.
-
-`write_folder` writes crops of these (and scikit-image's other bundled photographs) as a folder of
-JPEG/PNG files of assorted sizes: the ``folder:PATH`` data set of the fine-tuning test and benchmark.
+Importing this module registers ``sample_photos`` with TFDS, built from the photographs scikit-image
+(``pip install scikit-image``, in the ``test`` extra) and scikit-learn ship, so that a recipe tuned on
+the digits is checked on data nobody tuned it for (bench/convergence.py). Ten classes, one per photo
+(`CLASSES`; grey ones copied to three channels); an example is a square patch (`PATCH_FRACTION` of the
+photo's smaller side) at a random place, resized to 40×40 and stored as a PNG. Splits [fixed]: each
+photo is a 4×4 chessboard of tiles, ``train`` patches lie inside the white tiles and ``test`` patches
+inside the black ones, so no pixel is shared and both splits see every part of the scene (a split by
+side tests on unseen scenery: the demo nets' test error wandered by ±10 points). 600 / 100 patches
+per class; `write_folder` writes photo crops as the ``folder:PATH`` set of the fine-tuning tests.
 """
 
 from __future__ import annotations

@@ -1,31 +1,14 @@
 """Paper §3.2 testing and §4 (Tables 3–6) as pure arithmetic: views, canvases, posteriors, top-k, test scales.
 
-Pure NumPy / jnp: no TensorFlow, no I/O. The test protocol value
-(`vgg_jax.evaluation.protocol`), the batched runner (`vgg_jax.evaluation.runner`), the
-training loop's top-k and every consumer of the runner take their rules from
-here, so each rule has one definition:
-
-* **Test scale** Q: the smaller image side after an isotropic rescale
-  (`rescaled_size`, `resize_smaller_side`); Q = S or (Smin+Smax)/2, or three
-  scales around it (`paper_scales`); Q must be at least the crop (`check_scales`).
-* **Multi-crop**: a 5×5 grid of crops, corners included, × 2 flips = 50 views
-  per scale (`multicrop_views`); 150 over three scales (`multiscale_views`).
-* **Dense**: the fully-convolutional net's class score map of the image and of
-  its horizontal flip, each averaged spatially, soft-maxed, the two posteriors
-  averaged (`dense_flip_posterior`); pools round up, so the map covers its
-  input (`pooled_size`, `dense_map_size`); the pooling rule says which part of
-  the image that input is (`DENSE_POOLING`, `dense_region`). For bounded compilation the
-  rescaled image is placed top-left on one of a few canvases (`dense_canvases`,
-  `choose_canvas`, `place_on_canvas`); only the cells the unpadded image would
-  produce are averaged (`top_left_mask`). Test-time flips follow the training
-  (`resolve_flips`).
-* **App. B descriptor**: the same with an activation map (fc7) instead of the
-  score map, no soft-max (`dense_flip_descriptor`); scales averaged or stacked,
-  then L2-normalised (`combine_scales`).
-* **Averaging**: flips, crops, scales and nets (fusion, Table 6) are averaged as
-  soft-max posteriors, never as logits (`average_posteriors`, `fuse_posteriors`).
-* **Top-k error** with a pessimistic tie rule (`topk_correct`, `topk_errors`),
-  shared by the periodic validation of training and the paper's tables.
+Pure NumPy / jnp, no TensorFlow or I/O: the test protocol, the runner, the training loop's top-k and
+every consumer of the runner take their rules from here, so each rule has one definition. A test scale
+Q is the smaller side after an isotropic rescale (`paper_scales`, `check_scales`); multi-crop is 5×5
+crops × 2 flips per scale (`multicrop_views`); dense averages the class score map of the image and of
+its flip, each soft-maxed (`dense_flip_posterior`), over the part of the image the pooling rule says
+(`DENSE_POOLING`), placed top-left on a few canvases with only the image's own cells averaged
+(`dense_canvases`, `top_left_mask`); an App. B descriptor is the same without soft-max
+(`combine_scales`). Flips, crops, scales and nets are averaged as posteriors, never logits
+(`fuse_posteriors`); top-k errors count ties pessimistically (`topk_errors`).
 """
 
 from __future__ import annotations
@@ -332,7 +315,7 @@ def combine_scales(per_scale: Any, how: str = "average", normalize_each: bool = 
     """Paper App. B: (N, S, F) descriptors over S scales → (N, F) averaged or (N, S·F) stacked, L2-normalised.
 
     The paper normalises the final descriptor; ``normalize_each`` also normalises every scale's
-    vector first (not stated in the paper; the former default of `inference.features`).
+    vector first (not the paper's; off by default, `transfer`'s ``--normalize_scales``).
     """
     if how not in ("average", "stack"):
         raise ValueError(f"scales combine by 'average' or 'stack', got {how!r}")

@@ -1,43 +1,14 @@
 """Paper §4, Tables 3–6: evaluate runs with the §3.2 test protocols, fuse nets, report; the command line.
 
-Every image is rescaled isotropically so that its smaller side is the test
-scale Q, then classified one of these ways (``method``):
-
-* ``dense``: the fully-convolutional net (fc6 as a k×k conv, fc7/fc8 as 1×1)
-  runs on the whole rescaled image; the class score map is averaged spatially
-  into one score vector, as in the paper; the soft-max posteriors of the image
-  and of its horizontal flip are averaged.
-* ``multicrop``: crops of ``crop_size`` on a 5×5 regular grid (corners
-  included) × 2 flips = 50 views per scale; their posteriors are averaged.
-* ``both``: the dense and multi-crop posteriors averaged (paper Table 5).
-* ``center_crop``: one centre crop, no flip (the cheap periodic validation).
-
-The options form one `vgg_jax.evaluation.protocol.TestProtocol`, built once from the flags
-and resolved per net. Test-time flips follow the training (``--flips=auto``: only if
-``config.random_flip``; a net never shown mirrored digits is not asked about them);
-``yes``/``no`` force them. The paper reports the final network, so ``--step=latest`` is the
-default (``best`` on request); the table and JSON name the step used. Dense evaluation runs
-the net on the whole image (``--dense_pooling``, default: the run's ``config.dense_pooling``,
-``ceil`` in the paper's configs: the map covers every pixel); ``centre`` trims a side that is
-not a multiple of 32 evenly at both ends, ``floor`` keeps the top-left multiple of 32
-(bench/RESULTS.md, "Dense pooling", measures the three).
-
-Over several scales the per-scale posteriors are averaged; over several nets
-(fusion, Table 6) the per-net posteriors are averaged. Everything that is
-averaged is a soft-max posterior, never a logit — except the spatial average
-of one dense score map, which the paper takes over class scores.
-
-Where things live: the protocol arithmetic (views, canvases, posteriors, top-k,
-test scales) is `vgg_jax.evaluation.arithmetic`; the batched device runner is `vgg_jax.evaluation.runner`,
-its compiled functions `vgg_jax.evaluation.executor`. This module reads the data
-set, computes the metrics, restores and fuses checkpoints, prints the paper's
-table and is the command line.
-
-Command line (several ``--checkpoint`` fuse the nets; ``--scales`` once for all, or once per
-``--checkpoint`` in the same order)::
-
-    python -m vgg_jax evaluate --checkpoint=runs/d --checkpoint=runs/e \\
-        --method=both --scales=multi --split=validation --out=results.json
+Each image is rescaled isotropically to a test scale Q and classified by ``method``: ``dense`` (the
+fully-convolutional net on the whole image and its flip), ``multicrop`` (5×5 crops × 2 flips), ``both``
+(Table 5) or ``center_crop`` (the cheap periodic validation). Flips, crops, scales and nets (fusion,
+Table 6) are averaged as soft-max posteriors, never logits; only one dense score map is averaged
+spatially over class scores, as in the paper. The options form one `TestProtocol`; the paper reports
+the final network, so ``--step=latest`` is the default. The arithmetic is
+`vgg_jax.evaluation.arithmetic`, the device runner `vgg_jax.evaluation.runner`; this module reads the
+data set, computes the metrics, restores and fuses checkpoints and prints the paper's table.
+Options and commands: docs/evaluation.md.
 """
 
 from __future__ import annotations

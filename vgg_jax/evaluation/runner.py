@@ -1,35 +1,14 @@
 """Paper §3.2 testing on device: batches of dense canvases and multi-crop views, compiled once per shape.
 
-`run_evaluation` runs one net under one resolved test protocol
-(`vgg_jax.evaluation.protocol.TestProtocol`) on a stream of rescaled images:
-per-example soft-max posteriors (dense, multi-crop, centre crop) averaged over
-the test scales, App. B descriptors or App. A dense maps per scale. The device
-functions are `vgg_jax.evaluation.executor`'s; the arithmetic (views,
-canvases, flips, posteriors, the pooling rule) is `vgg_jax.evaluation.arithmetic`.
-
-Bounded compilation in dense evaluation, computed exactly: the rescaled image
-(smaller side Q, other side L) is placed in the top-left corner of the smallest
-of a few fixed canvases ("buckets") that holds it: (Q, L_b) for landscape,
-(L_b, Q) for portrait, with L_b = round(Q·r) for ``num_buckets`` aspect ratios r
-evenly spaced in [1, ``max_aspect``] — at most 2·num_buckets − 1 compiled shapes
-per scale. The image is first cut to the part the pooling rule runs the net on
-(`protocols.dense_input`). Every conv output is zeroed outside the image (`executor.masked_dense_apply`),
-the flip mirrors the image inside its own width, and the score map is averaged
-over the cells the image alone would produce (⌈h/32⌉−k+1 by ⌈w/32⌉−k+1, k =
-crop_size/32): the result is the per-image computation's, up to float summation
-order (tested; bench/RESULTS.md, "Dense evaluation fidelity", measures the
-unmasked bucketing it replaced). An image more elongated than ``max_aspect``
-gets a canvas of its own shape on one process; with several processes (which
-must agree on a fixed list of shapes) it is centre-cropped along its long side
-to the largest canvas — the one approximation left. ``buckets='exact'``
-compiles one shape per distinct image shape instead (single process).
-
-Batches: every process runs the same sequence of batches (a few integers are
-all-gathered per chunk of input to agree on it), padded with masked rows; the
-outputs come back replicated with their example index, label and mask, so each
-example is counted exactly once and every process gets the full posteriors.
-Crops are cut when their batch is built, so the queues hold one image per
-example, not 50 crops.
+`run_evaluation` runs one net under one resolved `TestProtocol` on a stream of rescaled images and
+returns per-example posteriors averaged over the test scales (or App. B descriptors, App. A dense maps).
+Bounded compilation, exactly: a dense image goes top-left on the smallest of a few canvases per scale
+(``num_buckets`` aspect ratios up to ``max_aspect``), every conv output is masked to the image and only
+the cells the image alone gives are averaged, so results equal the per-image computation up to float
+summation order. The one approximation: with several processes, an image more elongated than
+``max_aspect`` is centre-cropped to the largest canvas (``buckets='exact'``: one shape per image
+shape, single process). Every process runs the same batches, padded with masked rows, and gets each
+example's output exactly once; crops are cut when their batch is built, so queues hold one image each.
 """
 
 from __future__ import annotations

@@ -1,39 +1,14 @@
 """Paper App. B (Tables 11–12): very deep features on other data sets — descriptors, linear SVM, mAP / recall.
 
-The nets stay frozen. Each image is rescaled to every test scale Q; the fc7
-map (4096-D after ReLU) of the fully-convolutional net is global-average-pooled
-and averaged with the horizontally flipped image's (`runner.run_evaluation`
-under a `TestProtocol` with method 'descriptor': the one dense descriptor,
-shared with `inference.Classifier.features`; the net runs on the part of the
-image the pooling rule says, the whole image in the paper's configs). The scales are then
-averaged or stacked and the result L2-normalised (`protocols.combine_scales`);
-several nets (D & E) have their descriptors stacked. A linear SVM
-(scikit-learn's `LinearSVC`, one-vs-rest) is trained on the target set, its C
-chosen on a held-out 20 % of the training images, then refit on all of them.
-
-Metrics, as the paper reports them:
-
-* multi-label sets (a ``labels`` sequence feature, e.g. ``voc/2007``): mean
-  average precision, VOC-2007's 11-point interpolated AP; an image whose only
-  objects of a class are marked difficult is ignored for that class
-  (``labels_no_difficult``, the VOC devkit's rule). The SVM trains on every
-  labelled object, difficult included **[choice]**.
-* single-label sets (``label``, e.g. ``caltech101``): mean class recall, over
-  ``num_splits`` random splits of ``train_per_class`` training and up to
-  ``test_per_class`` test images per class drawn from the union of the given
-  splits (the paper: 3 splits of 30 / ≤50 on Caltech-101, 60 on Caltech-256);
-  without ``train_per_class`` the data set's own train/test splits, once.
-
-Hyper-parameters the paper leaves open **[choice]**: the C grid (`C_GRID`),
-the held-out split (random, seeded), hinge loss with squared penalty
-(LinearSVC's default), and no per-scale normalisation (``normalize_scales``).
-
-Command line (prints a Table 11-style row; one process)::
-
-    python -m vgg_jax transfer --checkpoint=runs/d --checkpoint=runs/e --dataset=voc/2007 \\
-        --scales=256,384,512,640,768 --combine=average
-    python -m vgg_jax transfer --checkpoint=runs/d --dataset=caltech101 --scales=256,384,512 \\
-        --combine=stack --train_per_class=30 --test_per_class=50 --num_splits=3
+The nets stay frozen. A descriptor is the fc7 map of the fully-convolutional net, averaged spatially
+and with the flipped image's, per scale (`runner.run_evaluation` with method 'descriptor', shared with
+`inference.Classifier.features`); the scales are averaged or stacked, then L2-normalised; several
+nets' descriptors are stacked. A one-vs-rest `LinearSVC` is trained with C chosen on a held-out 20 %
+of the training images, then refit on all of them. Metrics as the paper's: VOC-2007's 11-point mAP on
+multi-label sets, mean class recall over random splits on single-label ones. [choice] where the
+paper is silent: the C grid (`C_GRID`), the seeded held-out split, LinearSVC's squared hinge, no
+per-scale normalisation, difficult objects trained on but ignored when scoring (the VOC devkit's rule).
+Command line and data sets: docs/transfer.md.
 """
 
 from __future__ import annotations

@@ -1,35 +1,14 @@
 """Paper App. A localisation as pure arithmetic: box parameters, training targets, the Euclidean loss,
 dense box maps, greedy merging (OverFeat) and the top-5 localisation error.
 
-Pure NumPy / jnp: no TensorFlow, no I/O. Training (`vgg_jax.localisation.train`), the two test protocols
-(`vgg_jax.localisation.evaluate`) and the notebook API (`Classifier.localise`) take their rules from here.
-
-**Boxes.** Ground truth travels as corners ``(ymin, xmin, ymax, xmax)`` (TFDS's BBox order),
-normalised by the image (or crop) they refer to. The net regresses the paper's ``(cx, cy, w, h)``.
-
-**Normalisation [choice]** (the paper is silent): the regressed box is relative to the window the
-prediction comes from — the training crop, the test centre crop, or in dense mode the crop_size
-window a score-map cell sees — with (0, 0) its top-left and (1, 1) its bottom-right corner, so the
-targets lie in [0, 1] whatever the crop size, and a dense cell's box maps back to the image by the
-cell's window. IoU is unchanged by a separate scaling of each axis, so it is computed in whichever
-normalised frame both boxes share.
-
-**Training target [choice]**: the ground-truth box of the image's class (all boxes of ILSVRC are),
-transformed with the crop (`vgg_jax.localisation.boxes`) and not clipped to it — the net learns the whole
-object's extent from the part it sees, which is what the error is measured against; of several,
-the one with the largest area inside the crop. A crop that shows no box gets weight 0. **Loss**: Caffe's
-EuclideanLoss, ½‖p − t‖² over the four parameters, averaged over the crops with a target; for PCR
-only the ground-truth class's four outputs enter it.
-
-**Greedy merging [choice]** (OverFeat's idea; the paper gives no thresholds): per class, the boxes
-of every dense cell, flip, scale and net are taken in decreasing class score; the best unmerged box
-gathers every unmerged box with IoU ≥ ``merge_iou`` (spatially close), the group's box is the plain
-mean of their coordinates and its score the sum of their class scores (OverFeat accumulates
-confidence); groups are ranked by that score and the first is the class's box.
-
-**Error**: a prediction (class, box) is right when the class is the ground truth and IoU > 0.5 with
-one of that class's ground-truth boxes; the top-5 error counts an image wrong when none of its five
-predictions is right (ILSVRC's rule).
+Pure NumPy / jnp, no TensorFlow or I/O, so training, both test protocols and `Classifier.localise`
+take each rule from one place. Boxes travel as normalised corners ``(ymin, xmin, ymax, xmax)``
+(TFDS's order); the net regresses ``(cx, cy, w, h)`` relative to the window it sees [choice]. The
+target is the class's box with the largest area inside the crop, not clipped to it [choice]; the loss
+is Caffe's EuclideanLoss ½‖p − t‖² (PCR: the true class's four outputs only). Greedy merging groups
+boxes with IoU ≥ ``merge_iou`` in decreasing score: mean box, summed score [choice]. A prediction is
+right when its class is true and its IoU > 0.5 with one of that class's boxes (ILSVRC's top-5 rule).
+Each [choice] and its reason: docs/localisation.md.
 """
 
 from __future__ import annotations

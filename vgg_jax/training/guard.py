@@ -1,24 +1,14 @@
 """Paper §3.1 training, kept safe: divergence and spike checks, and stopping on preemption on every host.
 
-`LossGuard` holds each step's metrics on device until the loop needs them
-(a log line, an evaluation, a checkpoint) and then checks them on the host:
-
-* **non-finite**: a NaN/Inf loss, or non-finite parameters after an update;
-* **spike** (``config.spike_guard.factor`` > 0): the mean loss of the steps
-  since the last check exceeds ``factor`` × the median of the last
-  ``spike_guard.window`` log-interval losses.
-
-Nothing is saved before its steps are checked, so a checkpoint never holds a
-state the guard has flagged. A verdict names the newest step whose parameters
-the evidence still vouches for (`Verdict.trusted_step`); the loop goes back to
-the newest checkpoint at or before it, lowers the rate by ``plateau.factor``
-and goes on, at most ``spike_guard.max_retries`` times per invocation; then it
-stops with `NonFiniteLossError` or `LossSpikeError`. The paper reports no such
-mechanism, so it is off in the paper's configs (``max_retries=0``, ``factor=0``:
-non-finite values stop the run at once, as Caffe would have) [choice].
-
-`Stopper` turns a preemption (SIGTERM) or ``config.stop_after_steps`` into the
-same stop step on every process; see its docstring for the bounds.
+`LossGuard` keeps each step's metrics on device until the loop needs them (a log line, an evaluation,
+a checkpoint), then checks on the host for a non-finite loss or parameters and, with
+``spike_guard.factor`` > 0, a mean loss over ``factor`` × the median of the last ``spike_guard.window``
+log-interval losses. Nothing is saved before its steps are checked, so no checkpoint holds a flagged
+state. A verdict names the newest step the evidence vouches for (`Verdict.trusted_step`); the loop goes
+back to a checkpoint at or before it, lowers the rate by ``plateau.factor`` and goes on, at most
+``spike_guard.max_retries`` times, then stops. The paper reports no such mechanism, so its configs turn
+it off: non-finite values stop the run at once, as in Caffe [choice]. `Stopper` turns SIGTERM or
+``config.stop_after_steps`` into one stop step on every process.
 """
 
 from __future__ import annotations

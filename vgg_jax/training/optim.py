@@ -1,40 +1,14 @@
 """Paper §3.1 optimisation: SGD + momentum 0.9, L2 5e-4, lr 1e-2 ÷10 on plateaus.
 
-The update is ``optax.chain(add_decayed_weights(5e-4, mask), sgd(lr, 0.9))``:
-the L2 penalty is coupled (its gradient, wd·w, joins the loss gradient before
-momentum, as Caffe's weight_decay does), and by default it skips biases
-(Caffe's decay_mult 0) [choice, `decay_biases`].
-
-The learning rate is an injected hyper-parameter of the chain (it lives in
-the optimiser state and is checkpointed with it), but it is never a source of
-truth: every train step sets it to
-
-    rate(step) = schedule(step) × plateau scale
-
-(`step_learning_rate`), with the schedule built from the *current* config. So
-a `config.learning_rate` changed on resume takes effect at the next step under
-either rule, and lowering the plateau scale (the plateau rule, or the spike
-guard's rollback) lowers the rate at once. Two schedules:
-
-* 'plateau' (the paper): a constant config.learning_rate; after each
-  validation `PlateauControl` feeds the top-1 error to
-  `optax.contrib.reduce_on_plateau`, whose scale drops ÷10 after `patience`
-  evaluations without an improvement of at least `threshold`, at most
-  `max_reductions` times.
-* 'step': ÷10 at fixed epochs (`step_boundaries_epochs`), the usual
-  reproducible alternative (the plateau scale stays 1 unless the spike guard
-  lowers it).
-
-Note: optax's SGD keeps the momentum of raw gradients and multiplies by the
-current rate, while Caffe accumulates lr·gradient; the two only differ for a
-few steps after each of the (three) rate drops.
-
-Fine-tuning (a config with a ``finetune`` group, `vgg_jax/configs/finetune.py`)
-gives each layer its own rate, as Caffe's per-layer ``lr_mult``: layers up to
-``finetune.freeze_through`` do not train (``optax.multi_transform`` sends them to
-``set_to_zero``: no update, no weight decay, no momentum kept), the
-``finetune.head_layers`` train at the rate, every other layer at
-``finetune.body_lr_multiplier`` × the rate (`layer_rate_multipliers`).
+``optax.chain(add_decayed_weights(5e-4, mask), sgd(lr, 0.9))``: the L2 penalty is coupled (wd·w joins
+the gradient before momentum, as Caffe's weight_decay) and skips biases (Caffe's decay_mult 0)
+[choice, `decay_biases`]. The rate lives in the optimiser state, but every step sets it to
+schedule(step) × plateau scale from the current config (`step_learning_rate`), so a rate changed on
+resume, a plateau drop or the spike guard's rollback applies at once. Schedules: 'plateau' (the
+paper; `optax.contrib.reduce_on_plateau` on the validation top-1 error, `PlateauControl`) or 'step'
+(÷10 at fixed epochs). optax keeps the momentum of raw gradients where Caffe accumulates lr·gradient:
+they differ only for a few steps after each rate drop. Fine-tuning gives each layer a rate multiplier
+(Caffe's ``lr_mult``, `layer_rate_multipliers`); frozen layers get no update, decay or momentum.
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
 """Paper §3.1 training, resumed: a run never silently changes meaning.
 
-Rerunning the training command on a workdir that holds a checkpoint resumes
-it. `check` compares the new config with the run's ``config.json`` before any
-expensive work:
-
-* fields declared with `may_change` in `vgg_jax.configs.fields` (how long to
-  train, the rate, how often to log / evaluate / save, where the data lives,
-  …) may change; each change is logged with what it does (`announce`);
-* every other field (and an undeclared one) fixes what the run *is* — the network, the data and its
-  stream (seed, global batch, input shards, crops, scales, mean RGB, …), the
-  optimiser, the validation that ranks checkpoints — and a change is refused
-  with one message listing each field, its saved and its new value, and the
-  two ways out (a new ``--workdir``, or a new run warm-started from this one).
-
-The stream is defined by the number of input shards, so the *resolved*
-``input_shards`` (0 = one per process) is what must not change: a run of 2
-hosts may resume on 1 host with ``--config.input_shards=2``.
-
-`record_start` keeps ``config.json`` the current config, appends every start
-to ``config_history.jsonl`` (time, step, processes, shards, changed fields,
-config), stores the data set's class names (``class_names.json``, so loading a
-run never needs the data set), and cuts ``metrics.jsonl`` back to the resumed
-step (rows written after the last checkpoint by a process that then died).
-Both .jsonl files survive a torn last line (a kill mid-append): it is removed
-on resume with a log line; damage elsewhere stops the start, naming the file
-and line (`vgg_jax.checkpointing.jsonl`).
+Rerunning the training command on a workdir with a checkpoint resumes it. `check` compares the new
+config with the run's ``config.json`` before any expensive work: fields declared `may_change` in
+`vgg_jax.configs.fields` (how long, the rate, intervals, where the data lives) may change, each logged
+with its effect (`announce`); any other field fixes what the run is, and a change is refused with one
+message listing each field's saved and new value and the two ways out (a new ``--workdir``, or a warm
+start from this run). The stream is defined by the resolved ``input_shards``, not the host count.
+`record_start` keeps ``config.json`` current, appends each start to ``config_history.jsonl``, stores
+``class_names.json`` (loading a run never needs the data set) and cuts ``metrics.jsonl`` back to the
+resumed step; a torn last .jsonl line is repaired, damage elsewhere stops the start.
 """
 
 from __future__ import annotations

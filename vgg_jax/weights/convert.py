@@ -1,62 +1,14 @@
 """Import published VGG weights (paper §2 networks) into a vgg_jax run directory.
 
-Sources:
-
-* **Keras** ``keras.applications`` VGG16 / VGG19 (configs D, E): the legacy
-  ``.h5`` layout (a group per layer with a ``weight_names`` attribute, at the
-  root or under ``model_weights``, as in the published
-  ``vgg16_weights_tf_dim_ordering_tf_kernels.h5``) and Keras 3's
-  ``.weights.h5`` (``layers/<path>/vars/0,1`` with the layer name in the
-  ``vars`` group's ``name`` attribute). Read with h5py; Keras is not needed.
-  Layer names: ``block{b}_conv{i}`` → ``conv{b}_{i}``, ``fc1/fc2/predictions``
-  → ``fc6/fc7/fc8``. Kernels are already HWIO / (in, out) and Keras' Flatten on
-  NHWC gives the same (h, w, c) row order as ours.
-  Keras' ``include_top=False`` ("notop") files hold the conv layers only: they
-  convert to a network without fc6–fc8 (``config.model.include_top = False``)
-  whose activations up to ``pool5`` work and whose classifier raises.
-* **torchvision** ``vgg11/13/16/19`` state dicts (configs A, B, D, E; no
-  batch-norm variants), read with ``torch.load(..., weights_only=True)`` (or,
-  for a ``.safetensors`` file, with ``safetensors.numpy``, without torch):
-  conv OIHW → HWIO, linear (out, in) → (in, out), fc6's rows reordered from
-  NCHW flattening (c, h, w) to NHWC flattening (h, w, c).
-* **timm** ``vggNN.tv_in1k`` ``model.safetensors`` (torchvision's weights in
-  timm's layout, read with ``safetensors.numpy``, no torch): ``features.*`` as
-  torchvision, fc6/fc7 stored as convolutions ``pre_logits.fc1/fc2`` (O, C, k, k)
-  and fc8 as ``head.fc``; mapped back to torchvision's keys, then as above.
-
-Weights with 1000 classes are ImageNet's (ILSVRC-2012, classes in sorted
-WordNet-id order in every source): their config carries the WordNet ids
-(``config.class_wnids``) and names (``config.class_names``) from
-``vgg_jax/assets/imagenet_classes.json``, which was built from the data files
-of the ``timm`` pip package (see its ``source`` field); ``--class_names``
-overrides the names.
-
-Preprocessing is absorbed into conv1_1 so that every run directory uses the
-project's convention (RGB, 0–255, minus ``config.mean_rgb``, no std):
-
-* Keras / Caffe: the net expects BGR minus the BGR mean. Reversing conv1_1's
-  input-channel axis turns it into an RGB net; ``mean_rgb`` = Caffe's
-  (123.68, 116.779, 103.939).
-* torchvision: ``(x/255 - mean) / std`` = ``(x - 255·mean) / (255·std)``:
-  ``mean_rgb`` = 255·mean and conv1_1's input channels are divided by 255·std.
-  Exact, including the borders: the zero padding is applied after the
-  normalisation in both frameworks. timm's VGG weights are torchvision's, with
-  the same normalisation.
-
-The original preprocessing is recorded in ``config.preprocessing`` and in the
-checkpoint's ``meta``. Widths (``width_multiplier``, ``fc_width``), the number
-of classes and the crop size (from fc6's fan-in) are inferred from the shapes
-and checked against the variant's structure (Table 1); any mismatch is an error
-naming the layer and both shapes, raised before anything is written.
-
-Usage::
-
-    python -m vgg_jax convert --source=keras --weights=vgg16.weights.h5 --variant=D --out=runs/keras_vgg16
-    python -m vgg_jax convert --source=torchvision --weights=vgg19.pth --variant=E --out=runs/tv_vgg19 \\
-        --class_names=imagenet_classes.txt
-    python -m vgg_jax convert --source=timm --weights=model.safetensors --variant=D --out=runs/timm_vgg16
-
-`vgg_jax.pretrained` downloads, checks and converts the published files itself.
+Sources: Keras VGG16/19 ``.h5`` and ``.weights.h5`` (read with h5py; "notop" files give a net without
+fc6–fc8), torchvision vgg11–19 state dicts (``torch.load(weights_only=True)``, or ``.safetensors``
+without torch) and timm's ``vggNN.tv_in1k`` safetensors (torchvision's weights, fc6/fc7 stored as
+convolutions). Kernels become HWIO / (in, out); fc6's rows move from NCHW to NHWC flattening order.
+Each source's preprocessing is folded into conv1_1 — Caffe's BGR by reversing its input channels,
+torchvision's ``/255, −mean, /std`` by scaling them — so every run directory takes RGB 0–255 minus
+``config.mean_rgb``; the original is recorded in ``config.preprocessing``. Widths, class count and
+crop size are inferred from the shapes and checked against Table 1 before anything is written.
+Commands and options: docs/inference.md; `vgg_jax.pretrained` downloads and converts by name.
 """
 
 from __future__ import annotations
