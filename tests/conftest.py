@@ -12,6 +12,7 @@ import pathlib  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -63,6 +64,14 @@ def copy_checkout(destination: pathlib.Path) -> pathlib.Path:
 # notebooks, resume, output format); the whole command runs in the slow tier (`--slow`, CI).
 # 10 of its 40 epochs: the loss has left chance (at 4 epochs it has barely moved) and the test error is ~12 %.
 SHORT_DEMO_OVERRIDES = ("--config.num_train_steps=220",)
+
+
+def pytest_configure(config):
+    # The README's and the docs' commands say `python`: the reader's is the one that runs the tests (their
+    # activated venv), whatever else PATH holds.
+    here = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
 def pytest_addoption(parser):
