@@ -430,6 +430,7 @@ def test_clear_errors(tmp_path, digits_dir):
 # ------------------------------------------------------------------------------------ benchmark
 
 
+@pytest.mark.slow  # a benchmark run; test_bench covers the harness in the fast tier
 def test_bench_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "bench_input_pipeline", os.path.join(REPO, "bench", "input_pipeline.py")
@@ -443,6 +444,7 @@ def test_bench_tiny(tmp_path):
     assert all("foreign_cores" in r["load"] for r in summary["results"])  # each row says how busy the machine was
 
 
+@pytest.mark.slow  # a benchmark run of every stage
 def test_bench_components_time_each_stage():
     command = [sys.executable, os.path.join(REPO, "bench", "input_pipeline.py"), "--components"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -27,6 +27,7 @@ runpy.run_path('bench/train_step.py', run_name='__main__')
 """
 
 
+@pytest.mark.slow  # a whole benchmark in a blocked-import interpreter; the bare import path is tested fast
 def test_train_step_bench_runs_without_tensorflow_or_ml_collections(tmp_path):
     """gpu.sh's import path: the recipe, the step (with device resampling), the synthetic batch — and nothing
     of TensorFlow, TFDS, ml_collections or clu (importing them fails here, and --bare checks sys.modules)."""

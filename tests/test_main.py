@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config=configs/a.py:demo",
@@ -64,6 +66,7 @@ def test_cli_unwritable_workdir_is_named(tmp_path):
     assert "workdir" in result.stderr and str(blocker) in result.stderr
 
 
+@pytest.mark.slow  # a full command killed and rerun; test_faults/test_reliability kill mid-save in the fast tier
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     import signal
     import time

@@ -74,6 +74,7 @@ def runs(tmp_path_factory):
     return _launch_all(tmp_path_factory.mktemp("multihost"), (("two", 2, 2), ("one", 1, 4)))
 
 
+@pytest.mark.slow  # two launches of 2 processes; test_train's 4-device run checks data-parallel equality fast
 @pytest.mark.xdist_group("multihost")
 def test_two_processes_equal_one_process_with_four_devices(runs):
     a, _, step_a = checkpoints.restore_params(str(runs / "two"))

@@ -33,7 +33,12 @@ def test_committed_notebooks_are_executed_without_machine_paths():
 # The fc7 features' linear classifier: a few epochs already separate the digits; the whole demo, far better.
 @pytest.mark.parametrize(
     "run_fixture,fc7_accuracy",
-    [("short_demo", 0.7), pytest.param("readme_demo", 0.8, marks=pytest.mark.slow)],
+    [
+        pytest.param(
+            "short_demo", 0.7, marks=pytest.mark.slow
+        ),  # its calls run fast on the same run in test_docs (the inference page)
+        pytest.param("readme_demo", 0.8, marks=pytest.mark.slow),
+    ],
 )
 @pytest.mark.xdist_group("demo")
 def test_inference_notebook_runs_from_the_examples_folder(run_fixture, fc7_accuracy, request, monkeypatch):

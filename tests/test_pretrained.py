@@ -228,6 +228,7 @@ def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
     assert namespace["per_image"].shape == namespace["smoother"].shape == (len(namespace["images"]),)
 
 
+@pytest.mark.slow  # executes the notebook; its README section runs in the fast tier
 def test_example_notebook_runs(monkeypatch):
     """examples/pretrained.ipynb (committed with its outputs) runs top to bottom offline (nbclient), from
     examples/ as a user opens it there."""
