@@ -106,7 +106,15 @@ def define_flags(define: Callable[[], None]) -> list[str]:
     if names and all(name in flags.FLAGS for name in names):
         return names
     before = set(flags.FLAGS)
-    define()
+    try:
+        define()
+    except flags.DuplicateFlagError:  # another command ran in this process (tests): its flags make way
+        for name in {*(n for names in _DEFINED.values() for n in names), *(set(flags.FLAGS) - before)}:
+            if name in flags.FLAGS:
+                delattr(flags.FLAGS, name)
+        _DEFINED.clear()
+        before = set(flags.FLAGS)
+        define()
     _DEFINED[define] = [name for name in flags.FLAGS if name not in before]
     return _DEFINED[define]
 
