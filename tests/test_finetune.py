@@ -161,7 +161,7 @@ def test_readme_finetune_command_trains_and_evaluates_on_a_folder(published_vgg1
     summary = [line.split("] ", 1)[1] for line in run.stderr.splitlines() if "] summary: " in line]
     assert len(summary) == 3 and re.search(r"top-1 err [\d.]+ .* at the final step 6; best [\d.]+", summary[0])
     assert re.fullmatch(rf"summary: checkpoints in {workdir / 'checkpoints'} \(steps? 6, the final.*", summary[1])
-    evaluate = re.search(r"`(python -m vgg_jax\.evaluate [^`]+)`", summary[2]).group(1)
+    evaluate = re.search(r"`(python -m vgg_jax evaluate [^`]+)`", summary[2]).group(1)
     assert evaluate in _readme_commands() or evaluate == f"python -m vgg_jax evaluate --checkpoint={workdir}"
     again = subprocess.run(  # as validation measured it: centre crops at Q, no flips
         evaluate.replace("python ", f"{sys.executable} ", 1) + " --method=center_crop --flips=no",
