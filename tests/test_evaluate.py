@@ -17,6 +17,7 @@ from vgg_jax.evaluation import arithmetic as protocols
 from vgg_jax.evaluation import evaluate, executor, runner
 from vgg_jax.evaluation.arithmetic import multicrop_offsets, multicrop_views, topk_errors
 from vgg_jax.evaluation.protocol import TestProtocol
+from vgg_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 32
@@ -294,7 +295,7 @@ def test_padded_dense_ignores_padding_and_keeps_the_exact_cells(net):
     placed, size = protocols.place_on_canvas(image, (64, 96))
     garbage = placed.copy()
     garbage[:, 90:] = 255
-    function = executor.forward("dense", model, MEAN, runner.default_mesh(), True)
+    function = executor.forward("dense", model, MEAN, parallel.create_mesh(), True)
     meta = np.zeros((2, 5), np.int32)
     posteriors, _ = function(params, np.stack([placed, garbage]), np.array([size, size], np.int32), meta)
     posteriors = np.asarray(posteriors)

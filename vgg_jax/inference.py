@@ -40,7 +40,7 @@ from vgg_jax.evaluation import arithmetic as protocols
 from vgg_jax.evaluation import executor, runner
 from vgg_jax.evaluation.arithmetic import center_crop, resize_smaller_side  # also offered to notebooks from here
 from vgg_jax.evaluation.protocol import TestProtocol
-from vgg_jax.runtime import paths
+from vgg_jax.runtime import parallel, paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,7 @@ class Classifier:
     ) -> dict[str, Any]:
         """`evaluation.runner.run_evaluation` of this net: `examples` {'index', 'label', 'scaled': {Q: image}}."""
         if not hasattr(self, "_mesh"):
-            self._mesh = runner.default_mesh()
+            self._mesh = parallel.create_mesh()
             self._replicated = runner.replicate(self.params, self._mesh)
         options = dict(mean_rgb=self.mean_rgb, mesh=self._mesh, name=name, log_every_s=log_every_s)
         return runner.run_evaluation(self.model, self._replicated, examples, protocol.resolve(self.config), **options)

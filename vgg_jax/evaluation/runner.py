@@ -38,11 +38,6 @@ CANVAS_METHODS = ("dense", "descriptor", "maps")  # whole images on canvases; th
 PER_SCALE_METHODS = ("descriptor", "maps")  # kept per scale; the others' posteriors are averaged over scales
 
 
-def default_mesh() -> Mesh:
-    """The training mesh: every device of every process on one 'data' axis."""
-    return parallel.create_mesh()
-
-
 def replicate(params: Any, mesh: Mesh) -> Any:
     """Parameters on every device of `mesh`; arrays already replicated there (training) are used as they are."""
     sharding = NamedSharding(mesh, P())
@@ -313,7 +308,7 @@ def run_evaluation(
     if protocol.buckets == "exact" and jax.process_count() > 1:
         raise ValueError("dense_buckets='exact' compiles per image shape and needs one process; use 'aspect'")
     progress = _ProgressLog(name, total_examples, len(protocol.components) * len(protocol.test_scales), log_every_s)
-    scheduler = _Scheduler(model, params, protocol, mean_rgb, mesh or default_mesh(), progress)
+    scheduler = _Scheduler(model, params, protocol, mean_rgb, mesh or parallel.create_mesh(), progress)
     local_chunk = chunk_examples or max(8, int(protocol.batch_size) // jax.process_count())
     iterator = iter(examples)
     exhausted = False
