@@ -17,7 +17,7 @@ crops, 36-px images: one window) cannot tell what the paper's geometry wants —
   and the centre crop and multi-crop for reference.
 
 ``python bench/dense_pooling.py --seeds=0,1 --steps=1200`` (bench/RESULTS.md, "Dense pooling"). Top-1 error
-depends on nothing but the seed: run it under /work/bin/heavy, not quiet.
+depends on nothing but the seed: it needs no quiet machine.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -337,29 +336,25 @@ def _main(argv: Sequence[str]) -> None:
     if values.eval_batch_size:
         overrides["eval_batch_size"] = values.eval_batch_size
     step = cli.argument("--step", checkpoints.parse_step, values.step)
-    try:
-        protocol = TestProtocol(
-            method=values.method,
-            scales=values.scales or ["single"],
-            flips=values.flips,
-            pooling=values.dense_pooling,
-            buckets=values.dense_buckets,
-        )
-        # The environment alone says whether this is one of several processes: the trained run's
-        # `distributed` settings (a coordinator address of another job) would be stale here.
-        parallel.initialize(None)
-        evaluate_checkpoints(
-            values.checkpoint,
-            protocol,
-            split=values.split,
-            step=step,
-            out=values.out,
-            max_examples=values.max_examples,
-            overrides=overrides,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    protocol = TestProtocol(
+        method=values.method,
+        scales=values.scales or ["single"],
+        flips=values.flips,
+        pooling=values.dense_pooling,
+        buckets=values.dense_buckets,
+    )
+    # The environment alone says whether this is one of several processes: the trained run's
+    # `distributed` settings (a coordinator address of another job) would be stale here.
+    parallel.initialize(None)
+    evaluate_checkpoints(
+        values.checkpoint,
+        protocol,
+        split=values.split,
+        step=step,
+        out=values.out,
+        max_examples=values.max_examples,
+        overrides=overrides,
+    )
 
 
 def _define_flags() -> None:
@@ -406,6 +401,7 @@ def run() -> None:
         define=_define_flags,
         usage="vgg-jax evaluate --checkpoint=RUN [--checkpoint=RUN2 …] [--method=dense|multicrop|both] [--scales=…]",
         required=("checkpoint",),
+        expected=(ValueError, OSError),  # one `error:` line, status 1 (runtime.cli)
     )
 
 

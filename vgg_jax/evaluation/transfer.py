@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -353,29 +352,25 @@ def _main(argv: Sequence[str]) -> None:
     step = cli.argument("--step", checkpoints.parse_step, values.step)
     scales = cli.argument("--scales", cli.integers, values.scales)
     c_grid = cli.argument("--c_grid", cli.numbers, values.c_grid)
-    try:
-        row = run_transfer(
-            values.checkpoint,
-            values.dataset,
-            scales=scales,
-            combine=values.combine,
-            train_split=values.train_split,
-            test_split=values.test_split,
-            train_per_class=values.train_per_class,
-            test_per_class=values.test_per_class,
-            num_splits=values.num_splits,
-            c_grid=c_grid,
-            data_dir=values.data_dir,
-            seed=values.seed,
-            normalize_scales=values.normalize_scales,
-            flips=values.flips,
-            dense_pooling=values.dense_pooling,
-            step=step,
-            batch_size=values.batch_size,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    row = run_transfer(
+        values.checkpoint,
+        values.dataset,
+        scales=scales,
+        combine=values.combine,
+        train_split=values.train_split,
+        test_split=values.test_split,
+        train_per_class=values.train_per_class,
+        test_per_class=values.test_per_class,
+        num_splits=values.num_splits,
+        c_grid=c_grid,
+        data_dir=values.data_dir,
+        seed=values.seed,
+        normalize_scales=values.normalize_scales,
+        flips=values.flips,
+        dense_pooling=values.dense_pooling,
+        step=step,
+        batch_size=values.batch_size,
+    )
     row["table"] = format_row(row)
     print(row["table"], flush=True)
     if values.out:
@@ -418,6 +413,7 @@ def run() -> None:
         define=_define_flags,
         usage="vgg-jax transfer --checkpoint=RUN --dataset=NAME [--scales=…] [--combine=…]",
         required=("checkpoint", "dataset"),
+        expected=(ValueError, OSError),  # one `error:` line, status 1 (runtime.cli)
     )
 
 
