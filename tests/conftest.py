@@ -6,10 +6,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Many tests compile the same tiny networks (also in subprocesses): reuse XLA's executables.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+# Every executable, however quick its compile: the same computation compiles again in many tests and processes.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Compiling, not running, is most of a fresh checkout's test time: the test nets are tiny and run a few steps,
+# and XLA's LLVM optimisations are most of each compile (bench/RESULTS.md, "The test command"). The tests and
+# the commands they start compile unoptimised code; the README's demo command runs as a reader's does.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join([*_flags, *(flag for flag in TEST_XLA_FLAGS if flag not in _flags)])
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
+import selectors  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -135,10 +145,24 @@ class ReadmeRun:
     result: subprocess.CompletedProcess | None  # None when reusing VGG_DEMO_WORKDIR
 
 
+def with_xla_flags(env: dict[str, str], *flags: str) -> dict[str, str]:
+    """`env` whose XLA_FLAGS are `flags` and the tests' own (`TEST_XLA_FLAGS`)."""
+    return dict(env, XLA_FLAGS=" ".join([*flags, *TEST_XLA_FLAGS]))
+
+
+def readers_env() -> dict[str, str]:
+    """This environment as a reader's shell has it: without the tests' XLA flags (`TEST_XLA_FLAGS`)."""
+    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if flag not in TEST_XLA_FLAGS]
+    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
+    return dict(env, XLA_FLAGS=" ".join(flags)) if flags else env
+
+
 def _run_readme_command(tmp_path_factory, command: str) -> ReadmeRun:
     """`command` from the root of a fresh copy of this checkout (relative workdir and all), as a user pastes it."""
     root = copy_checkout(tmp_path_factory.mktemp("readme") / "vgg_jax")
-    result = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        command, shell=True, cwd=root, env=readers_env(), capture_output=True, text=True, timeout=1800
+    )
     assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-4000:]}"
     workdir = root / re.search(r"--workdir=(\S+)", command).group(1)
     return ReadmeRun(root=root, workdir=workdir, command=command, result=result)
@@ -175,3 +199,58 @@ def demo_workdir(readme_demo):
 def short_demo_workdir(short_demo):
     """A few epochs of the README's demo (fast tier): a real run directory of the same net."""
     return short_demo.workdir
+
+
+class CommandLines:
+    """`python -m MODULE ARGS…`, each in a fork of one interpreter per test worker (tests/command_lines.py).
+
+    A fresh `python -m` spends ~8 s importing TensorFlow and JAX before any work, and the command-line tests
+    run dozens; the fork starts with them imported (not started) and is otherwise the command's own process.
+    The README's commands verbatim, start-up flags and kills keep fresh interpreters elsewhere in the suite.
+    """
+
+    def __init__(self):
+        self._server: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        if self._server is None or self._server.poll() is not None:
+            self._server = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "command_lines.py")],
+                cwd=REPO,
+                env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        return self._server
+
+    def run(self, module: str, *args: str, cwd=REPO, env: dict | None = None, timeout: float = 600):
+        """The command line's status, stdout and stderr, as `subprocess.run(…, capture_output=True)` gives."""
+        server = self._start()
+        case = {"module": module, "args": list(args), "env": env or {}, "cwd": str(cwd)}
+        server.stdin.write(json.dumps(case) + "\n")
+        server.stdin.flush()
+        with selectors.DefaultSelector() as selector:
+            selector.register(server.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                self.close()
+                raise TimeoutError(f"python -m {module} {' '.join(args)} ran past {timeout} s")
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the command-line interpreter died (status {server.wait()}) running {module} {args}")
+        result = json.loads(line)
+        return subprocess.CompletedProcess([module, *args], result["status"], result["stdout"], result["stderr"])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.kill()
+            self._server.wait()
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def command_lines():
+    """Runs command lines as `python -m` would, forked from one interpreter shared by this worker's tests."""
+    runner = CommandLines()
+    yield runner
+    runner.close()

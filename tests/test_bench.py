@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import with_xla_flags
 
 from vgg_jax.runtime import cpu_defaults
 
@@ -28,10 +29,8 @@ def _load_train_step():
 def _run_tiny(tmp_path, name, *extra, xla_flags=None):
     """bench/train_step.py --tiny in a fresh process; its JSON result."""
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    if xla_flags is not None:
-        env["XLA_FLAGS"] = xla_flags
+    # The tests' own XLA flags (fast compiles) and `xla_flags`, instead of this process's.
+    env = with_xla_flags(dict(os.environ, JAX_PLATFORMS="cpu"), *([xla_flags] if xla_flags else []))
     command = [sys.executable, str(REPO / "bench" / "train_step.py"), "--tiny", f"--json={out}", *extra]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
@@ -44,6 +43,7 @@ def tiny_with_defaults(tmp_path_factory):
     return _run_tiny(tmp_path_factory.mktemp("bench"), "defaults", *(["--torch"] if HAS_TORCH else []))
 
 
+@pytest.mark.slow  # a benchmark's own run
 def test_train_step_tiny_runs_and_reports(tiny_with_defaults):
     result, stdout = tiny_with_defaults
     load = result["load"]  # issue 16: every measurement says how busy the machine was
@@ -59,10 +59,11 @@ def test_train_step_tiny_runs_and_reports(tiny_with_defaults):
         assert "ours/PyTorch" in stdout
 
 
+@pytest.mark.slow  # two benchmark runs; test_process checks which flags are applied, in the fast tier
 def test_cpu_default_flags_do_not_change_results(tiny_with_defaults, tmp_path):
     defaults, _ = tiny_with_defaults
     xla_own, _ = _run_tiny(tmp_path, "xla_defaults", "--no-cpu-defaults", xla_flags="")
-    assert xla_own["xla_flags"] == ""
+    assert not any(flag in xla_own["xla_flags"] for flag in cpu_defaults.CPU_XLA_FLAGS), xla_own["xla_flags"]
     # Three SGD steps of the same tiny net from the same seed: only the conv/dot kernels differ.
     assert xla_own["loss"] == pytest.approx(defaults["loss"], rel=1e-4, abs=1e-5)
 
@@ -190,6 +191,7 @@ def test_layer_profile_times_each_part_of_each_conv():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is an optional extra")
+@pytest.mark.slow  # a benchmark's own run
 def test_dense_speed_runs_the_same_net_in_both_frameworks():
     command = [sys.executable, str(REPO / "bench" / "dense_speed.py"), "--variant=A", "--crop=64", "--height=96"]
     command += ["--width=128", "--batch=1", "--width-multiplier=0.125", "--fc-width=32", "--repeats=1"]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import with_xla_flags
 
 from vgg_jax import models
 from vgg_jax.checkpointing import checkpoints
@@ -415,25 +416,16 @@ def test_fusion_of_checkpoints_end_to_end(fake_runs, tmp_path, capsys):
     assert fused[0]["top5_error"] == pytest.approx(expected["top5_error"])
 
 
-def test_cli(fake_runs, tmp_path):
+def test_cli(command_lines, fake_runs, tmp_path):
     out = tmp_path / "cli.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [
-        sys.executable,
-        "-m",
-        "vgg_jax.evaluation.evaluate",
-        f"--checkpoint={fake_runs['net_a']}",
-        "--method=dense",
-    ]
-    done = subprocess.run(
-        [*command, "--scales=36", "--max_examples=12", f"--out={out}"], env=env, capture_output=True, text=True
-    )
+    command = ["vgg_jax.evaluation.evaluate", f"--checkpoint={fake_runs['net_a']}", "--method=dense"]
+    done = command_lines.run(*command, "--scales=36", "--max_examples=12", f"--out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["num_examples"] == 12 and rows[0]["scales"] == [36]
     assert "| top-1 error (%) |" in done.stdout
     assert "images/s" in done.stderr  # progress
-    failed = subprocess.run([*command, "--scales=16"], env=env, capture_output=True, text=True)
+    failed = command_lines.run(*command, "--scales=16")
     assert failed.returncode == 1 and "smaller than crop_size" in failed.stderr
 
 
@@ -442,11 +434,11 @@ def test_two_devices_give_the_same_posteriors(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(
         "import sys, jax, jax.numpy as jnp, numpy as np\n"
-        "sys.path.insert(0, sys.argv[1])\n"
+        "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
         "from tests.test_evaluate import two_device_case\n"
         "np.savez(sys.argv[2], n=jax.device_count(), **two_device_case())\n"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = with_xla_flags(dict(os.environ, JAX_PLATFORMS="cpu"), "--xla_force_host_platform_device_count=2")
     path = tmp_path / "out.npz"
     done = subprocess.run([sys.executable, str(script), REPO, str(path)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -395,7 +395,7 @@ def test_perceptual_features_refuse_images_outside_their_declared_range(straight
 # ----------------------------------------------------------------------------- command lines
 
 
-def test_every_command_names_a_bad_argument_in_one_line(tmp_path):
+def test_every_command_names_a_bad_argument_in_one_line(command_lines, tmp_path):
     bad = tmp_path / "bad_config.py"
     bad.write_text("def get_config(:\n    pass\n")
     work = f"--workdir={tmp_path / 'w'}"
@@ -445,25 +445,15 @@ def test_every_command_names_a_bad_argument_in_one_line(tmp_path):
         (main, ["--config=no/such/net.py", work], {"VGG_JAX_VERBOSE": "1"}),
         ("vgg_jax.evaluation.evaluate", ["--checkpoint=r", "--step=abc", "--verbosity=1"], {}),
     ]
-    spec = [{"module": m, "args": a} for m, a, _ in cases] + [{"module": m, "args": a, "env": e} for m, a, e in verbose]
-    (tmp_path / "cases.json").write_text(json.dumps(spec))
-    done = subprocess.run(
-        [sys.executable, str(TESTS / "command_lines.py"), str(tmp_path / "cases.json")],
-        cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.splitlines()[-1])
+    results = [command_lines.run(module, *args) for module, args, _ in cases]
+    results += [command_lines.run(module, *args, env=env) for module, args, env in verbose]
     wrong = []  # every command line that is not one `error:` line naming the argument, with status 2
     for (module, args, expected), result in zip(cases, results, strict=False):
-        lines = [line for line in result["stderr"].splitlines() if line.strip()]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
         named = len(lines) == 1 and lines[0].startswith("error: ") and all(text in lines[0] for text in expected)
-        if result["status"] != 2 or not named:
-            wrong.append((module, args, result["status"], result["stderr"][-600:]))
+        if result.returncode != 2 or not named:
+            wrong.append((module, args, result.returncode, result.stderr[-600:]))
     assert not wrong, "\n".join(map(str, wrong))
     for result in results[len(cases) :]:
-        assert result["status"] == 2 and "Traceback (most recent call last)" in result["stderr"], result
-        assert result["stderr"].rstrip().splitlines()[-1].startswith("error: ")
+        assert result.returncode == 2 and "Traceback (most recent call last)" in result.stderr, result
+        assert result.stderr.rstrip().splitlines()[-1].startswith("error: ")

@@ -20,20 +20,8 @@ TINY = [
 ]
 
 
-def run_main(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "vgg_jax.main", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def test_cli_trains_prints_config_and_progress(tmp_path):
-    result = run_main(*TINY, f"--workdir={tmp_path}")
+def test_cli_trains_prints_config_and_progress(command_lines, tmp_path):
+    result = command_lines.run("vgg_jax.main", *TINY, f"--workdir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "variant: A" in result.stdout and "width_multiplier: 0.0625" in result.stdout
     log = result.stderr
@@ -44,30 +32,30 @@ def test_cli_trains_prints_config_and_progress(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 2
 
 
-def test_cli_unknown_field_is_named(tmp_path):
-    result = run_main(*TINY, "--config.no_such_field=3", f"--workdir={tmp_path}")
+def test_cli_unknown_field_is_named(command_lines, tmp_path):
+    result = command_lines.run("vgg_jax.main", *TINY, "--config.no_such_field=3", f"--workdir={tmp_path}")
     assert result.returncode != 0
     assert "no_such_field" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_cli_missing_dataset_is_named(tmp_path):
-    result = run_main(*TINY, "--config.dataset=no_such_dataset_xyz", f"--workdir={tmp_path}")
+def test_cli_missing_dataset_is_named(command_lines, tmp_path):
+    result = command_lines.run("vgg_jax.main", *TINY, "--config.dataset=no_such_dataset_xyz", f"--workdir={tmp_path}")
     assert result.returncode != 0
     assert "no_such_dataset_xyz" in result.stderr
     assert "demo" in result.stderr  # points at the data set that needs no download
 
 
-def test_cli_unwritable_workdir_is_named(tmp_path):
+def test_cli_unwritable_workdir_is_named(command_lines, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run_main(*TINY, f"--workdir={blocker}/run")
+    result = command_lines.run("vgg_jax.main", *TINY, f"--workdir={blocker}/run")
     assert result.returncode != 0
     assert "workdir" in result.stderr and str(blocker) in result.stderr
 
 
 @pytest.mark.slow  # a full command killed and rerun; test_faults/test_reliability kill mid-save in the fast tier
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(command_lines, tmp_path):
     import signal
     import time
 
@@ -93,7 +81,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     assert "SIGTERM received" in text and "stopped early: saved step" in text
     saved = checkpoints.resolve_step(str(tmp_path))
     assert saved >= 3
-    resumed = run_main(*TINY, "--config.num_train_steps=" + str(saved + 1), f"--workdir={tmp_path}")
+    resumed = command_lines.run(
+        "vgg_jax.main", *TINY, "--config.num_train_steps=" + str(saved + 1), f"--workdir={tmp_path}"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path} at step {saved}" in resumed.stderr
     assert checkpoints.resolve_step(str(tmp_path)) == saved + 1

@@ -69,6 +69,7 @@ def test_features_match_torchvision_at_every_layer(tmp_path, name, variant, size
         _assert_close(ours[layer], theirs[layer], layer)
 
 
+@pytest.mark.slow  # full-width VGG-19 both ways; the fast tier checks every layer's features against PyTorch
 def test_loss_gradients_match_pytorch_autograd(tmp_path):
     """Style + perceptual loss of VGG-19 (Gatys' layers) and its gradient w.r.t. the image, both frameworks."""
     layers = perceptual.PRESETS["gatys_style"].layers
@@ -236,6 +237,7 @@ def test_no_tensorflow_or_torch_import(tmp_path):
     assert "LOADED []" in result.stdout, result.stdout
 
 
+@pytest.mark.slow  # a benchmark's own run
 def test_perceptual_benchmark_tiny_runs(tmp_path):
     """bench/perceptual.py is code too: its smoke mode runs (with PyTorch where installed) and reports."""
     out = tmp_path / "bench.json"

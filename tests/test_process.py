@@ -86,17 +86,15 @@ def test_the_installed_jaxlib_runs_with_what_apply_adds():
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "transfer", "localise", "convert", "mean-rgb"])
-def test_every_command_lists_its_flags(command):
-    done = subprocess.run(
-        [sys.executable, "-m", "vgg_jax", command, "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+def test_every_command_lists_its_flags(command_lines, command):
+    done = command_lines.run("vgg_jax", command, "--help")
     assert done.returncode == 0, done.stderr[-2000:]
     flag_lines = [line for line in done.stdout.splitlines() if line.startswith("  --")]
     assert done.stdout.startswith(f"vgg-jax {command} ")
     assert len(flag_lines) >= 2 and all(": " in line and len(line.split(": ", 1)[1]) > 5 for line in flag_lines)
 
 
-def test_vgg_jax_without_a_command_lists_the_commands():
-    done = subprocess.run([sys.executable, "-m", "vgg_jax"], capture_output=True, text=True, cwd=REPO)
+def test_vgg_jax_without_a_command_lists_the_commands(command_lines):
+    done = command_lines.run("vgg_jax")
     assert done.returncode == 2
     assert all(name in done.stdout for name in ("train", "evaluate", "transfer", "localise", "convert", "mean-rgb"))

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+from conftest import with_xla_flags
 
 from vgg_jax import models
 from vgg_jax.checkpointing import checkpoints
@@ -116,23 +117,21 @@ _PARALLEL_SCRIPT = textwrap.dedent(
     from test_train import tiny_config
     from vgg_jax.training import train
     assert jax.device_count() == {devices}, jax.devices()
-    config = tiny_config()
-    config.num_train_steps = 4
-    config.eval_every_steps = 4
-    train.train_and_evaluate(config, {workdir!r})
+    train.train_and_evaluate(tiny_config(num_train_steps=4, eval_every_steps=4), {workdir!r})
     """
 )
 
 
 def _train_in_subprocess(workdir, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = with_xla_flags(dict(os.environ, JAX_PLATFORMS="cpu"), f"--xla_force_host_platform_device_count={devices}")
     script = _PARALLEL_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), devices=devices, workdir=str(workdir))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_data_parallel_on_four_devices_equals_one_device(tmp_path):
-    _train_in_subprocess(tmp_path / "one", 1)
+    assert jax.device_count() == 1
+    train.train_and_evaluate(tiny_config(num_train_steps=4, eval_every_steps=4), str(tmp_path / "one"))
     _train_in_subprocess(tmp_path / "four", 4)
     one, _, _ = checkpoints.restore_params(str(tmp_path / "one"))
     four, _, _ = checkpoints.restore_params(str(tmp_path / "four"))

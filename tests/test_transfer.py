@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -147,20 +145,13 @@ def test_voc_like_multilabel_set_with_mock_data(run_dir):
     assert 0.0 <= row["mean"] <= 1.0 and row["std"] is None and row["net"].count(" & ") == 1
 
 
-def test_cli(run_dir, tmp_path):
+def test_cli(command_lines, run_dir, tmp_path):
     out = tmp_path / "row.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [
-        sys.executable,
-        "-m",
-        "vgg_jax.evaluation.transfer",
-        f"--checkpoint={run_dir}",
-        "--dataset=sklearn_digits",
-    ]
+    command = ["vgg_jax.evaluation.transfer", f"--checkpoint={run_dir}", "--dataset=sklearn_digits"]
     flags = ["--scales=32", "--train_split=train[:60]", "--test_split=test[:30]", "--c_grid=1", f"--out={out}"]
-    done = subprocess.run([*command, *flags], env=env, capture_output=True, text=True)
+    done = command_lines.run(*command, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| net | data set | test Q | scales | metric | result (%) |" in done.stdout
     assert json.loads(out.read_text())["scales"] == [32]
-    failed = subprocess.run([*command, "--scales=16"], env=env, capture_output=True, text=True)
+    failed = command_lines.run(*command, "--scales=16")
     assert failed.returncode == 1 and "smaller than crop_size" in failed.stderr

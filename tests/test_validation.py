@@ -299,17 +299,16 @@ def test_a_warm_start_without_its_run_is_refused_with_both_ways_out():
     validation.validate(config)
 
 
-def test_the_command_line_refuses_a_deeper_net_without_net_a_before_any_work(tmp_path):
+def test_the_command_line_refuses_a_deeper_net_without_net_a_before_any_work(command_lines, tmp_path):
     """`python -m vgg_jax.main --config=configs/d.py` with no warm-start run: refused, nothing written; the second
     way out (layers='') gets past validation (here to the next check: a data set that does not exist)."""
-    command = [sys.executable, "-m", "vgg_jax.main", "--config=configs/d.py", f"--workdir={tmp_path / 'd256'}"]
-    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = ["vgg_jax.main", "--config=configs/d.py", f"--workdir={tmp_path / 'd256'}"]
+    refused = command_lines.run(*command)
     assert refused.returncode == 1, refused.stderr[-2000:]
     assert "config.warm_start.checkpoint=''" in refused.stderr and "RUN_DIR" in refused.stderr
     assert "--config.warm_start.layers=''" in refused.stderr
     assert not (tmp_path / "d256").exists()
-    way_out = [*command, "--config.warm_start.layers=", "--config.dataset=no_such_set"]
-    accepted = subprocess.run(way_out, cwd=REPO, capture_output=True, text=True, timeout=300)
+    accepted = command_lines.run(*command, "--config.warm_start.layers=", "--config.dataset=no_such_set")
     assert accepted.returncode == 1 and "warm_start" not in accepted.stderr.split("error:")[-1]
     assert "config.dataset='no_such_set'" in accepted.stderr
 
