@@ -82,6 +82,8 @@ def preload() -> None:
 if __name__ == "__main__":
     # runpy warns when a module it runs as __main__ was imported before; `python -m` never sees that.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+    # Python ≥ 3.12 warns on fork() once threads exist; the cases start no backend before it (PRELOADED).
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
     preload()
     for line in sys.stdin:
         case = json.loads(line)
