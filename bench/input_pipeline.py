@@ -180,7 +180,6 @@ def _measure(args, pipeline: str, cores: int) -> dict:
     command += [f"--_images={args.images}", f"--repeats={args.repeats}", f"--batch={args.batch}"]
     command += [f"--scale_min={args.scale_min}", f"--scale_max={args.scale_max}", f"--crop={args.crop}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.update(item.split("=", 1) for item in args.worker_env)
     quietness = common.Quietness().start()
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     load = quietness.stop()
@@ -263,13 +262,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--pipelines", default="tf_fast,tf_canvas,tf_fast_bilinear,tf_naive,pil")
     parser.add_argument("--components", action="store_true", help="only time each stage of tf_fast, one thread")
     parser.add_argument("--json", default="", help="also write the results here")
-    parser.add_argument(
-        "--worker_env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an environment variable for the measured processes (e.g. GLIBC_TUNABLES=…); repeatable",
-    )
     parser.add_argument("--_worker", dest="worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--_cores", dest="cores", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--_images", dest="images", default="", help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ import pathlib  # noqa: E402
 import re  # noqa: E402
 import selectors  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -221,6 +222,7 @@ class CommandLines:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                start_new_session=True,  # its forked cases share its process group: `close` stops them too
             )
         return self._server
 
@@ -243,7 +245,7 @@ class CommandLines:
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.kill()
+            os.killpg(self._server.pid, signal.SIGKILL)
             self._server.wait()
             self._server = None
 
