@@ -143,7 +143,7 @@ class ReadmeRun:
     root: pathlib.Path  # the copy of the checkout the command ran in
     workdir: pathlib.Path
     command: str
-    result: subprocess.CompletedProcess | None  # None when reusing VGG_DEMO_WORKDIR
+    result: subprocess.CompletedProcess  # the command's status and output
 
 
 def with_xla_flags(env: dict[str, str], *flags: str) -> dict[str, str]:
@@ -169,18 +169,32 @@ def _run_readme_command(tmp_path_factory, command: str) -> ReadmeRun:
     return ReadmeRun(root=root, workdir=workdir, command=command, result=result)
 
 
+def _recorded_readme_run(record: pathlib.Path, command: str) -> ReadmeRun:
+    """The run of `command` that .ci/run made from this checkout's root, its output kept in `record`."""
+    recorded = (record / "command").read_text(encoding="utf-8").strip()
+    if recorded != command:
+        raise pytest.UsageError(
+            f"VGG_README_DEMO={record} holds a run of {recorded!r}, not the README's {command!r}: unset it"
+        )
+    workdir = REPO / re.search(r"--workdir=(\S+)", command).group(1)
+    if not (workdir / "metrics.jsonl").is_file():
+        raise pytest.UsageError(f"VGG_README_DEMO={record}: the run it records wrote no {workdir / 'metrics.jsonl'}")
+    output = {name: (record / name).read_text(encoding="utf-8") for name in ("stdout", "stderr")}
+    result = subprocess.CompletedProcess(command, 0, output["stdout"], output["stderr"])
+    return ReadmeRun(root=REPO, workdir=workdir, command=command, result=result)
+
+
 @pytest.fixture(scope="session")
 def readme_demo(tmp_path_factory):
     """The README's first command, verbatim (slow tier). Shared by the tests in xdist group 'demo'.
 
-    Set VGG_DEMO_WORKDIR to reuse a finished run while iterating locally (the tests that check the
-    command's own output then skip).
+    CI has run it already, as a reader does, from this checkout's root: VGG_README_DEMO names the folder where
+    .ci/run kept that run's command line, stdout and stderr, and the tests check that run instead of training
+    the demo a second time.
     """
     command = readme_train_command()
-    reuse = os.environ.get("VGG_DEMO_WORKDIR")
-    if reuse and (pathlib.Path(reuse) / "metrics.jsonl").exists():
-        workdir = pathlib.Path(reuse).resolve()
-        return ReadmeRun(root=workdir.parents[1], workdir=workdir, command=command, result=None)
+    if os.environ.get("VGG_README_DEMO"):
+        return _recorded_readme_run(pathlib.Path(os.environ["VGG_README_DEMO"]), command)
     return _run_readme_command(tmp_path_factory, command)
 
 

@@ -29,7 +29,7 @@ def compute_mean_rgb(
     split = split or config.train_split
     builder = sources.split_builder(config, split, "train_split")
     corrupt = sources.CorruptRecords("skip")
-    ds = sources.read_records(builder, split, 0).filter(corrupt.filter_fn)
+    ds = sources.read_records(builder, split, 0).filter(sources.graph_function(corrupt.filter_fn))
     if max_examples:
         ds = ds.take(int(max_examples))
 
@@ -37,7 +37,8 @@ def compute_mean_rgb(
         image = image_ops.decode_rgb(ex["image"])
         return tf.reduce_mean(tf.cast(tf.reshape(image, [-1, 3]), tf.float64), axis=0)
 
-    ds = corrupt.tolerate(ds.map(image_mean, num_parallel_calls=tf.data.AUTOTUNE)).batch(1024)
+    ds = corrupt.tolerate(ds.map(sources.graph_function(image_mean), num_parallel_calls=tf.data.AUTOTUNE))
+    ds = ds.batch(1024)
     total, count = np.zeros(3, np.float64), 0
     for means in ds.with_options(streams.tf_data_options(config)).as_numpy_iterator():
         total += means.sum(axis=0)

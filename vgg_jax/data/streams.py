@@ -8,9 +8,9 @@ batches of `global_batch_size / process_count` with int32 labels → prefetch. W
 and flips it (`vgg_jax.training.resample`): the same draws, the same crops within ±1. Cast, colour shift and
 mean subtraction happen on device (`vgg_jax.preprocess`), so only uint8 crosses the host-device link.
 
-Evaluation (`create_eval_iterator`): rescale so the smaller side is Q, centre crop; the last batch is
-padded (``mask`` False) so each example counts once and every process runs `num_eval_batches`
-batches. `load_eval_images` gives the full decoded images for dense / multi-crop evaluation.
+Evaluation (`eval_batches`; one pass: `create_eval_iterator`): rescale so the smaller side is Q, centre
+crop; the last batch is padded (``mask`` False) so each example counts once and every process runs
+`num_eval_batches` batches. `load_eval_images` gives the full decoded images for dense / multi-crop evaluation.
 
 **Determinism and resume**: epoch ``e`` of process ``p`` shuffles its shard with a seed derived from
 (seed, p, e), keeps exactly ``steps_per_epoch × local_batch`` examples (the remainder differs each
@@ -31,7 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vgg_jax.data import image_ops, sources
-from vgg_jax.data.sources import CorruptImageError, CorruptRecords
+from vgg_jax.data.sources import CorruptImageError, CorruptRecords, graph_function
 from vgg_jax.evaluation import arithmetic as protocols
 
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -183,6 +183,20 @@ class _Iterator:
         return {key: batch[key].numpy() for key in self._keys}
 
 
+class EvalBatches:
+    """The evaluation batches of a split, from a pipeline built once: every `iter()` is a whole new pass.
+
+    A training run evaluates many times, and building the pipeline (~0.5 s) costs more than a pass over a
+    small split; the skipped-record counts start again with each pass."""
+
+    def __init__(self, ds: tf.data.Dataset, corrupt: CorruptRecords, keys: tuple[str, ...]):
+        self._ds, self._corrupt, self._keys = ds, corrupt, keys
+
+    def __iter__(self) -> _Iterator:
+        self._corrupt.count, self._corrupt.names = 0, []
+        return _Iterator(self._ds, self._corrupt, self._keys)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -210,12 +224,12 @@ def _train_dataset(
         key = _stateless_key(seed, process_index, epoch, -1)
         shuffle_seed = tf.random.stateless_uniform([], seed=key, minval=None, maxval=None, dtype=tf.int64)
         ds = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False).take(per_epoch)
-        return ds.map(lambda ex: {**ex, "epoch": epoch})
+        return ds.map(graph_function(lambda ex: {**ex, "epoch": epoch}))
 
     first_epoch, skip = divmod(int(start_step), spe)
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_ds).skip(skip * local)
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(graph_function(epoch_ds)).skip(skip * local)
     corrupt = CorruptRecords(_corrupt_mode(config))
-    ds = ds.filter(corrupt.filter_fn)
+    ds = ds.filter(graph_function(corrupt.filter_fn))
     smin, smax, crop = int(config.scale_min), int(config.scale_max), int(config.crop_size)
     flip = bool(config.get("random_flip", True))
     resize = _resize_method(config)
@@ -236,7 +250,7 @@ def _train_dataset(
             out.update(details, index=ex["index"], epoch=ex["epoch"])
         return out
 
-    ds = corrupt.tolerate(ds.map(augment, num_parallel_calls=_AUTOTUNE))
+    ds = corrupt.tolerate(ds.map(graph_function(augment), num_parallel_calls=_AUTOTUNE))
     ds = ds.batch(local, drop_remainder=True).prefetch(_AUTOTUNE)
     return ds.with_options(tf_data_options(config)), corrupt
 
@@ -273,7 +287,9 @@ def create_train_iterator(
     else:
         # Rows in shard order, as the processes' rows are ordered in the global batch.
         ds = tf.data.Dataset.zip(tuple(stream for stream, _ in streams)).map(
-            lambda *batches: {key: tf.concat([batch[key] for batch in batches], 0) for key in batches[0]}
+            graph_function(
+                lambda *batches: {key: tf.concat([batch[key] for batch in batches], 0) for key in batches[0]}
+            )
         )
         corrupt = [c for _, c in streams]
     keys = ("image", "geometry", "label") if resample_canvas(config) else ("image", "label")
@@ -292,7 +308,8 @@ def eval_records(
     builder = sources.split_builder(config, split, "eval_split")
     parts, sizes = _shard_sizes(builder, split, count)
     corrupt = CorruptRecords(_corrupt_mode(config))
-    records = (read or sources.read_records)(builder, parts[index], sum(sizes[:index])).filter(corrupt.filter_fn)
+    records = (read or sources.read_records)(builder, parts[index], sum(sizes[:index]))
+    records = records.filter(graph_function(corrupt.filter_fn))
     return records, corrupt, sizes, count
 
 
@@ -308,7 +325,7 @@ def load_eval_images(
     def decode(ex):
         return {"image": image_ops.decode_rgb(ex["image"]), "label": ex["label"], "index": ex["index"]}
 
-    ds = corrupt.tolerate(records.map(decode, num_parallel_calls=_AUTOTUNE))
+    ds = corrupt.tolerate(records.map(graph_function(decode), num_parallel_calls=_AUTOTUNE))
     return ds.with_options(tf_data_options(config))
 
 
@@ -321,7 +338,7 @@ def num_eval_batches(config: Any, split: str | None = None, *, process_count: in
     return _eval_batches(_shard_sizes(builder, split, count)[1], local)
 
 
-def create_eval_iterator(
+def eval_batches(
     config: Any,
     split: str | None = None,
     *,
@@ -329,10 +346,10 @@ def create_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     examples: Any = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> EvalBatches:
     """Centre crops of the images rescaled to Q = `scale` (default `config.eval_scale`), padded batches.
 
-    Yields `num_eval_batches(config, split)` batches of {'image': uint8 (local_eval_batch, crop, crop, 3),
+    Each pass yields `num_eval_batches(config, split)` batches of {'image': uint8 (local_eval_batch, crop, crop, 3),
     'label': int32, 'mask': bool}; padding examples (zeros, label 0) have mask False. `examples`
     (`.read`, `.centre_crop(example, q, crop, resize)`, `.padding(crop)`, `.keys`) replaces the records and
     the crop, e.g. App. A's boxes that follow it (`vgg_jax.localisation.boxes`).
@@ -350,10 +367,15 @@ def create_eval_iterator(
         image = image_ops.rescaled_crop(ex["image"], q, crop, resize=resize)
         return {"image": image, "label": ex["label"], "mask": tf.constant(True)}
 
-    ds = corrupt.tolerate(records.map(preprocess, num_parallel_calls=_AUTOTUNE))
+    ds = corrupt.tolerate(records.map(graph_function(preprocess), num_parallel_calls=_AUTOTUNE))
     padding = {"image": tf.zeros([crop, crop, 3], tf.uint8), "label": tf.constant(0, tf.int32)}
     padding = (examples.padding(crop) if examples is not None else padding) | {"mask": tf.constant(False)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
     ds = ds.batch(local, drop_remainder=True).take(_eval_batches(sizes, local)).prefetch(_AUTOTUNE)
     keys = (*(examples.keys if examples is not None else ("image", "label")), "mask")
-    return _Iterator(ds.with_options(tf_data_options(config)), corrupt, keys)
+    return EvalBatches(ds.with_options(tf_data_options(config)), corrupt, keys)
+
+
+def create_eval_iterator(config: Any, split: str | None = None, **options: Any) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `eval_batches(config, split, **options)`."""
+    return iter(eval_batches(config, split, **options))

@@ -71,7 +71,7 @@ def _scaled_examples(config: ml_collections.ConfigDict, split: str, scales: Sequ
     """This process's shard of `split`, each image rescaled (smaller side, uint8) to every Q, as NumPy."""
     import tensorflow as tf  # see above
 
-    from vgg_jax.data import image_ops, streams
+    from vgg_jax.data import image_ops, sources, streams
 
     dataset = streams.load_eval_images(
         config, split=split, process_index=jax.process_index(), process_count=jax.process_count()
@@ -81,6 +81,7 @@ def _scaled_examples(config: ml_collections.ConfigDict, split: str, scales: Sequ
         scaled = {str(q): image_ops.rescale_smaller_side(example["image"], q) for q in scales}
         return {"index": example["index"], "label": example["label"], "scaled": scaled}
 
+    rescale = sources.graph_function(rescale)
     dataset = dataset.map(rescale, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
     for example in dataset.as_numpy_iterator():
         yield {

@@ -184,7 +184,7 @@ def _examples(builder: Any, splits: Sequence[str], scales: Sequence[int], labels
     """{'index', 'label': 0, 'scaled': {Q: uint8 image}} of `splits` in turn, recording targets in `labels`."""
     import tensorflow as tf
 
-    from vgg_jax.data import image_ops
+    from vgg_jax.data import image_ops, sources
 
     def prepare(example):
         image = example["image"]
@@ -198,7 +198,8 @@ def _examples(builder: Any, splits: Sequence[str], scales: Sequence[int], labels
     index = 0
     for split_id, split in enumerate(splits):
         dataset = builder.as_dataset(split=split, shuffle_files=False)
-        for example in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2).as_numpy_iterator():
+        dataset = dataset.map(sources.graph_function(prepare), num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+        for example in dataset.as_numpy_iterator():
             if labels.multilabel:
                 row = np.zeros(labels.num_classes, np.int32)
                 row[example["labels"]] = -1  # difficult-only classes: ignored when scoring

@@ -149,7 +149,7 @@ class BoxExamples:
                 "index": index + offset,
             }
 
-        return ds.enumerate().map(record, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.enumerate().map(sources.graph_function(record), num_parallel_calls=tf.data.AUTOTUNE)
 
     def centre_crop(self, example: dict, q: int, crop: int, resize: str) -> dict:
         """Protocol 1's view: the centre crop at Q, with its boxes."""
@@ -177,10 +177,15 @@ def create_train_iterator(config: Any, *, start_step: int = 0, **processes: Any)
     return streams.create_train_iterator(config, start_step=start_step, examples=BoxExamples(config), **processes)
 
 
-def create_eval_iterator(config: Any, split: str | None = None, **options: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Protocol 1 batches: `streams.create_eval_iterator` with boxes — centre crops at Q (default
+def eval_batches(config: Any, split: str | None = None, **options: Any) -> streams.EvalBatches:
+    """Protocol 1 batches: `streams.eval_batches` with boxes — centre crops at Q (default
     ``config.eval_scale``) of {'image', 'label', 'boxes', 'box_mask', 'mask'}; padding rows have mask False."""
-    return streams.create_eval_iterator(config, split, examples=BoxExamples(config), **options)
+    return streams.eval_batches(config, split, examples=BoxExamples(config), **options)
+
+
+def create_eval_iterator(config: Any, split: str | None = None, **options: Any) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `eval_batches(config, split, **options)`."""
+    return iter(eval_batches(config, split, **options))
 
 
 def load_eval_images(
@@ -198,7 +203,7 @@ def load_eval_images(
             "image": image_ops.decode_rgb(ex["image"])
         }
 
-    ds = corrupt.tolerate(records.map(decode, num_parallel_calls=tf.data.AUTOTUNE))
+    ds = corrupt.tolerate(records.map(sources.graph_function(decode), num_parallel_calls=tf.data.AUTOTUNE))
     return ds.with_options(streams.tf_data_options(config))
 
 

@@ -67,7 +67,7 @@ def _examples(config: Any, split: str | None, scales: Sequence[int], max_example
     """This process's images with their boxes, each rescaled to every Q (TensorFlow, as `evaluate`)."""
     import tensorflow as tf
 
-    from vgg_jax.data import image_ops
+    from vgg_jax.data import image_ops, sources
 
     data = boxes.load_eval_images(config, split)
     if max_examples:
@@ -76,7 +76,7 @@ def _examples(config: Any, split: str | None, scales: Sequence[int], max_example
     def rescale(example):
         return example | {"scaled": {str(q): image_ops.rescale_smaller_side(example["image"], q) for q in scales}}
 
-    data = data.map(rescale, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    data = data.map(sources.graph_function(rescale), num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
     for example in data.as_numpy_iterator():
         yield example | {"scaled": {q: example["scaled"][str(q)] for q in scales}}
 

@@ -33,7 +33,7 @@ from vgg_jax.localisation import boxes
 from vgg_jax.training import steps
 
 create_train_iterator = boxes.create_train_iterator
-create_eval_iterator = boxes.create_eval_iterator
+eval_batches = boxes.eval_batches
 
 
 def box_objective(regression: str) -> steps.Objective:

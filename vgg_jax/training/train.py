@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -138,7 +138,7 @@ def task_for(config: ml_collections.ConfigDict) -> Any:
         make_train_step=steps.make_train_step,
         make_eval_step=steps.make_eval_step,
         create_train_iterator=streams.create_train_iterator,
-        create_eval_iterator=streams.create_eval_iterator,
+        eval_batches=streams.eval_batches,
     )
 
 
@@ -152,8 +152,11 @@ def run_validation(
     mesh: Any,
     eval_step: Callable[..., dict[str, jax.Array]],
     split: str | None = None,
+    batches: Iterable[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, float]:
     """Exact validation metrics: every example once (padding masked), the same batch count on every host.
+
+    `batches`: the task's `eval_batches` of `split`, when the caller keeps them for every evaluation.
 
     Records that cannot be decoded (config.corrupt_images='skip') are not in the denominator; how many were
     skipped is returned ('skipped' = examples in the split − 'num_examples') and logged, never silent.
@@ -165,7 +168,7 @@ def run_validation(
         metrics = {name: float(result[name]) for name in ("loss", "top1_error", "top5_error") if name in result}
         return metrics | _counts(config, split, float(result.get("num_examples", 0)))
     totals: dict[str, float] = {}
-    for local_batch in task_for(config).create_eval_iterator(config, split):
+    for local_batch in batches if batches is not None else task_for(config).eval_batches(config, split):
         sums = eval_step(params, parallel.global_batch(local_batch, mesh))
         for name, value in jax.device_get(sums).items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -335,6 +338,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     root_key = jax.random.key(config.seed)
     train_iter: Iterator[dict[str, np.ndarray]] = task.create_train_iterator(config, start_step=start_step)
     reporter = reporting.Reporter(config, workdir, total_steps, start_step, steps_per_epoch)
+    eval_batches = None  # built at the first evaluation; every later one is a new pass over them
     step = start_step
     try:
         with guard.Stopper(config, start_step) as stopper:
@@ -358,7 +362,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
 
                 eval_metrics = None
                 if evaluate:
-                    eval_metrics = run_validation(config, state.params, mesh, eval_step)
+                    if eval_batches is None and config.eval_method != "dense":
+                        eval_batches = task.eval_batches(config)
+                    eval_metrics = run_validation(config, state.params, mesh, eval_step, batches=eval_batches)
                     reporter.eval(step, eval_metrics, float(optim.current_learning_rate(state.opt_state)))
                     state = _adjust_learning_rate(config, plateau, state, eval_metrics["top1_error"], mesh)
                 if save:
