@@ -104,7 +104,9 @@ def test_mock_data_train_and_eval(name, num_classes):
 
 
 def _in_map(fn, *inputs):
-    ds = tf.data.Dataset.from_tensors(tuple(tf.convert_to_tensor(x) for x in inputs)).map(lambda *a: fn(*a))
+    """`fn` inside a tf.data map, traced as the streams trace theirs (`sources.graph_function`)."""
+    mapped = sources.graph_function(lambda *a: fn(*a))
+    ds = tf.data.Dataset.from_tensors(tuple(tf.convert_to_tensor(x) for x in inputs)).map(mapped)
     return tf.nest.map_structure(lambda t: t.numpy(), next(iter(ds)))
 
 
@@ -175,7 +177,8 @@ def test_augmentation_statistics():
         return out, d["scale"], d["offset_y"], d["offset_x"], d["flipped"]
 
     outs, scales, oys, oxs, flips = (
-        np.array(x) for x in zip(*tf.data.Dataset.range(n).map(sample).as_numpy_iterator(), strict=True)
+        np.array(x)
+        for x in zip(*tf.data.Dataset.range(n).map(sources.graph_function(sample)).as_numpy_iterator(), strict=True)
     )
     assert scales.min() == smin and scales.max() == smax
     assert set(np.unique(scales)) == set(range(smin, smax + 1))
