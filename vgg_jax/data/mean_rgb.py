@@ -29,7 +29,7 @@ def compute_mean_rgb(
     split = split or config.train_split
     builder = sources.split_builder(config, split, "train_split")
     corrupt = sources.CorruptRecords("skip")
-    ds = sources.read_records(builder, split, 0).filter(sources.graph_function(corrupt.filter_fn))
+    ds = corrupt.screen(sources.read_records(builder, split, 0))
     if max_examples:
         ds = ds.take(int(max_examples))
 

@@ -282,6 +282,14 @@ class CorruptRecords:
         logging.warning("Skipping %s (%d skipped so far).", message, self.count)
         return False
 
+    def screen(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """`ds` without the records `filter_fn` rejects."""
+        return ds.filter(graph_function(self.filter_fn))
+
+    def restart(self) -> None:
+        """Counts (and names) from zero: a new pass over the same records."""
+        self.count, self.names = 0, []
+
     def filter_fn(self, example: dict[str, tf.Tensor]) -> tf.Tensor:
         """`tf.data` predicate: complete JPEG/PNG framing passes at once, anything else is probed."""
         data = example["image"]

@@ -193,7 +193,7 @@ class EvalBatches:
         self._ds, self._corrupt, self._keys = ds, corrupt, keys
 
     def __iter__(self) -> _Iterator:
-        self._corrupt.count, self._corrupt.names = 0, []
+        self._corrupt.restart()
         return _Iterator(self._ds, self._corrupt, self._keys)
 
 
@@ -229,7 +229,7 @@ def _train_dataset(
     first_epoch, skip = divmod(int(start_step), spe)
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(graph_function(epoch_ds)).skip(skip * local)
     corrupt = CorruptRecords(_corrupt_mode(config))
-    ds = ds.filter(graph_function(corrupt.filter_fn))
+    ds = corrupt.screen(ds)
     smin, smax, crop = int(config.scale_min), int(config.scale_max), int(config.crop_size)
     flip = bool(config.get("random_flip", True))
     resize = _resize_method(config)
@@ -308,8 +308,7 @@ def eval_records(
     builder = sources.split_builder(config, split, "eval_split")
     parts, sizes = _shard_sizes(builder, split, count)
     corrupt = CorruptRecords(_corrupt_mode(config))
-    records = (read or sources.read_records)(builder, parts[index], sum(sizes[:index]))
-    records = records.filter(graph_function(corrupt.filter_fn))
+    records = corrupt.screen((read or sources.read_records)(builder, parts[index], sum(sizes[:index])))
     return records, corrupt, sizes, count
 
 
