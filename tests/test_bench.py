@@ -69,6 +69,7 @@ def test_cpu_default_flags_do_not_change_results(tiny_with_defaults, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is an optional extra")
+@pytest.mark.slow  # a benchmark's own run
 def test_torch_reference_standalone_tiny():
     command = [
         sys.executable,

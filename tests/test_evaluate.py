@@ -456,6 +456,7 @@ def two_device_case():
     return runner.run_evaluation(model, params, examples, protocol, mean_rgb=MEAN)["posteriors"]
 
 
+@pytest.mark.slow  # a benchmark's own run
 def test_bench_tiny():
     import importlib.util
 

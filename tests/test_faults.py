@@ -216,6 +216,8 @@ def test_a_torn_config_json_is_named(straight, tmp_path):
 # ----------------------------------------------------------------------------- disk full, read-only
 
 
+# A third resume of the straight run; the fast tier resumes past damaged checkpoints (above)
+@pytest.mark.slow
 def test_disk_full_while_saving_stops_clearly_and_the_rerun_resumes(straight, tmp_path, monkeypatch):
     from etils import epath
 
@@ -298,6 +300,8 @@ train.train_and_evaluate(tiny_config(), {workdir!r})
 """
 
 
+# A killed holder, in a fresh interpreter; the fast tier refuses held locks in-process (next test)
+@pytest.mark.slow
 def test_a_second_run_is_refused_and_a_killed_holder_is_taken_over(straight, tmp_path, monkeypatch, caplog):
     run, ready = copy_run(straight, tmp_path, up_to=4), tmp_path / "ready"  # the holder trains steps 5 and 6
     script = HOLDER.format(tests=str(TESTS), ready=str(ready), workdir=str(run))

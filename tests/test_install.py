@@ -116,6 +116,8 @@ def test_installed_package_trains_two_demo_steps_from_another_directory(installe
     assert (workdir / "checkpoints" / "2").is_dir()
 
 
+# Two more fresh interpreters of the install; the fast tier imports and trains from it (above)
+@pytest.mark.slow
 def test_installed_package_converts_and_loads_with_relative_paths(installed):
     python, elsewhere = installed
     _write_keras_vgg16(elsewhere / "vgg16_narrow.h5")

@@ -124,6 +124,8 @@ def test_light_install_holds_no_training_dependency(light):
     assert not distributions & heavy, distributions & heavy
 
 
+# Full-width VGG-16 in a fresh interpreter of the light install; the fast tier checks what it holds (above)
+@pytest.mark.slow
 def test_perceptual_loss_from_a_local_weight_file_without_tensorflow(light, tmp_path):
     python, work, _ = light
     h5 = weight_files.write_keras_h5(tmp_path / "vgg16_notop.h5", weight_files.random_params("D", 1, head=False))
@@ -140,6 +142,8 @@ def test_perceptual_loss_from_a_local_weight_file_without_tensorflow(light, tmp_
     assert np.mean(out["per_image"]) == pytest.approx(out["loss"], rel=1e-5)
 
 
+# A fresh interpreter of the light install; the fast tier checks what it holds (above)
+@pytest.mark.slow
 def test_a_training_command_says_which_extra_to_install(light):
     python, work, _ = light
     expected = f'which `pip install vgg_jax` leaves out: pip install "vgg_jax[{extras.TRAIN_EXTRA}]"'

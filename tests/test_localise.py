@@ -228,6 +228,8 @@ def test_both_protocols_report_table_rows(tiny_runs, capsys):
     assert "given 3 times for 2 nets" in capsys.readouterr().err
 
 
+# Executes the notebook; the fast tier runs its calls (test_notebook_api_localises_photos)
+@pytest.mark.slow
 def test_localisation_notebook_runs(tiny_runs, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -20,6 +20,14 @@ def narrow():
     return net, init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), outputs=net.layers)["params"]
 
 
+# Compiled whole, once per net, shape and option: op by op, each of a VGG's ops compiles for every new shape.
+_features = jax.jit(lambda net, params, images, layers: net(params, images, layers), static_argnums=(0, 3))
+_jitted_losses = {
+    loss: jax.jit(loss, static_argnums=0, static_argnames="reduction")
+    for loss in (perceptual.perceptual_loss, perceptual.style_loss)
+}
+
+
 def _pool_2x2(x, how):
     n, h, w, c = x.shape
     blocks = np.asarray(x)[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
@@ -29,15 +37,15 @@ def _pool_2x2(x, how):
 def test_average_pooling_replaces_every_max_pool(narrow):
     net, params = narrow
     images = np.random.default_rng(0).random((2, 36, 44, 3), dtype=np.float32)
-    layers = ["relu1_1", "pool1", "relu2_1", "pool2", "relu5_1"]
+    layers = ("relu1_1", "pool1", "relu2_1", "pool2", "relu5_1")
     averaged = dataclasses.replace(net, pooling="avg")
-    ours, theirs = averaged(params, images, layers), net(params, images, layers)
+    ours, theirs = _features(averaged, params, images, layers), _features(net, params, images, layers)
     for block in (1, 2):  # each pool is the 2×2/2 mean of the block's last activation (floor: odd edges dropped)
         _assert_close(ours[f"pool{block}"], _pool_2x2(ours[f"relu{block}_1"], "avg"), f"avg pool{block}")
         _assert_close(theirs[f"pool{block}"], _pool_2x2(theirs[f"relu{block}_1"], "max"), f"max pool{block}")
     np.testing.assert_array_equal(ours["relu1_1"], theirs["relu1_1"])  # the convolutions are the same
     assert not np.allclose(ours["relu5_1"], theirs["relu5_1"])
-    grad = jax.grad(lambda x: perceptual.style_loss(averaged, params, x, images[:1]))(images)
+    grad = jax.jit(jax.grad(lambda x: perceptual.style_loss(averaged, params, x, images[:1])))(images)
     assert grad.shape == images.shape and np.all(np.isfinite(grad)) and np.any(grad != 0)
     with pytest.raises(ValueError, match="pooling must be one of"):
         dataclasses.replace(net, pooling="min")
@@ -48,15 +56,17 @@ def test_per_image_losses(narrow):
     rng = np.random.default_rng(1)
     x, y = rng.random((3, 32, 40, 3), dtype=np.float32), rng.random((3, 32, 40, 3), dtype=np.float32)
     style = rng.random((1, 48, 48, 3), dtype=np.float32)
-    for loss, target in ((perceptual.perceptual_loss, y), (perceptual.style_loss, style)):
+    for function, target in ((perceptual.perceptual_loss, y), (perceptual.style_loss, style)):
+        loss = _jitted_losses[function]
         each = loss(net, params, x, target, reduction="none")
         assert each.shape == (3,)
         alone = [
             float(loss(net, params, x[i : i + 1], target if target is style else target[i : i + 1])) for i in range(3)
         ]
-        _assert_close(each, np.asarray(alone), f"{loss.__name__} per image", rtol=1e-5)
-        _assert_close(loss(net, params, x, target), np.mean(alone), f"{loss.__name__} mean", rtol=1e-5)
-        _assert_close(loss(net, params, x, target, reduction="sum"), np.sum(alone), f"{loss.__name__} sum", rtol=1e-5)
+        name = function.__name__
+        _assert_close(each, np.asarray(alone), f"{name} per image", rtol=1e-5)
+        _assert_close(loss(net, params, x, target), np.mean(alone), f"{name} mean", rtol=1e-5)
+        _assert_close(loss(net, params, x, target, reduction="sum"), np.sum(alone), f"{name} sum", rtol=1e-5)
     with pytest.raises(ValueError, match="reduction must be one of"):
         perceptual.perceptual_loss(net, params, x, y, reduction="batchmean")
 
@@ -83,14 +93,14 @@ def test_lpips_spatial_map():
     spatial = jax.jit(perceptual.lpips, static_argnums=0, static_argnames="spatial")(net, params, x, y, spatial=True)
     assert spatial.shape == (2, 36, 44)
     names, weights = perceptual.lpips_weights()
-    fx, fy = net(params, x), net(params, y)
+    fx, fy = _features(net, params, x, None), _features(net, params, y, None)
     maps = []
     for layer, weight in zip(names, weights, strict=True):
         a = np.asarray(fx[layer]) / (np.linalg.norm(np.asarray(fx[layer]), axis=-1, keepdims=True) + 1e-10)
         b = np.asarray(fy[layer]) / (np.linalg.norm(np.asarray(fy[layer]), axis=-1, keepdims=True) + 1e-10)
         maps.append((a - b) ** 2 @ np.asarray(weight))  # (N, h, w): 36×44, 18×22, 9×11, 4×5, 2×2
     _assert_close(spatial, sum(_bilinear(m, 36, 44) for m in maps), "spatial map by formula", rtol=1e-5)
-    distance = perceptual.lpips(net, params, x, y)
+    distance = jax.jit(perceptual.lpips, static_argnums=0)(net, params, x, y)
     _assert_close(distance, sum(m.mean(axis=(1, 2)) for m in maps), "distance", rtol=1e-5)
     try:
         import torch

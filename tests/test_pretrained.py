@@ -199,6 +199,10 @@ def test_concurrent_first_calls_convert_once(files, tmp_path):
     assert sum("another process is downloading" in err for _, err in outputs) == 1  # one waited on the lock
 
 
+# The README's and docs' pretrained examples run full-size VGG-16 and VGG-19 at 224 px; the fast tier
+# downloads, checks, converts and loads through the same calls (test_download_check_convert_cache_then_offline
+# and the tests around it)
+@pytest.mark.slow
 def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
     """The README's "Pretrained weights and features" code and docs/pretrained.md's, against a cache filled
     from a local server (random weights in the published layouts), with the server stopped: the offline path
@@ -228,7 +232,7 @@ def test_readme_pretrained_section_runs_offline(files, tmp_path, monkeypatch):
     assert namespace["per_image"].shape == namespace["smoother"].shape == (len(namespace["images"]),)
 
 
-@pytest.mark.slow  # executes the notebook; its README section runs in the fast tier
+@pytest.mark.slow  # executes the notebook; its README section runs in the test above
 def test_example_notebook_runs(monkeypatch):
     """examples/pretrained.ipynb (committed with its outputs) runs top to bottom offline (nbclient), from
     examples/ as a user opens it there."""

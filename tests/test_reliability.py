@@ -45,6 +45,8 @@ def test_resume_refuses_a_changed_run_before_any_work_and_lists_every_field(tmp_
     assert len(_history(tmp_path)) == 1
 
 
+# Two training runs; the fast tier refuses a changed resume (above) and resumes exactly (test_train)
+@pytest.mark.slow
 def test_allowed_changes_resume_log_and_are_kept_in_the_history(tmp_path, caplog):
     config = tiny_config(lr_schedule="plateau", num_train_steps=2, eval_every_steps=1, learning_rate=0.01)
     config.plateau.patience = 1
@@ -97,6 +99,8 @@ def test_spike_rolls_back_to_the_last_good_checkpoint_and_lowers_the_rate(tmp_pa
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params))
 
 
+# The bound on the rollbacks the fast tier checks (above)
+@pytest.mark.slow
 def test_spike_retries_are_bounded_then_the_run_stops_clearly(tmp_path, monkeypatch):
     config = tiny_config(num_train_steps=8)
     config.spike_guard.max_retries = 1
@@ -106,6 +110,8 @@ def test_spike_retries_are_bounded_then_the_run_stops_clearly(tmp_path, monkeypa
     assert checkpoints.resolve_step(str(tmp_path)) == 4
 
 
+# Three training runs; the fast tier resumes after a kill's torn rows and damaged saves (test_faults)
+@pytest.mark.slow
 def test_a_kill_mid_save_leaves_no_temporary_directories_and_no_duplicate_rows(tmp_path):
     straight = tmp_path / "straight"
     train.train_and_evaluate(tiny_config(), str(straight))
@@ -156,6 +162,8 @@ def test_class_names_are_stored_and_loading_never_opens_the_data_set(tmp_path, m
     assert "no class names stored with this run" in caplog.text
 
 
+# A training run over damaged records; the fast tier counts and refuses them in the streams (test_data)
+@pytest.mark.slow
 def test_corrupt_eval_records_are_counted_not_silently_dropped(tmp_path, caplog):
     from test_data import _corrupt_as_dataset
 

@@ -235,14 +235,14 @@ def test_update_norm_from_the_momentum_is_the_norm_of_the_updates():
 
 
 def test_plateau_lowers_the_rate_inside_training(tmp_path):
-    config = tiny_config(lr_schedule="plateau", num_train_steps=8, eval_every_steps=1, learning_rate=1e-9)
+    config = tiny_config(lr_schedule="plateau", num_train_steps=6, eval_every_steps=1, learning_rate=1e-9)
     config.plateau.patience = 1
     config.plateau.threshold = 0.5  # no eval can improve by 0.5: every eval after the first is a plateau
     config.plateau.max_reductions = 3
     train.train_and_evaluate(config, str(tmp_path))
     rates = [r["lr"] for r in read_metrics(tmp_path)]
     np.testing.assert_allclose(rates[:5], [1e-9, 1e-9, 1e-10, 1e-11, 1e-12], rtol=1e-4)
-    assert min(rates) == pytest.approx(1e-12, rel=1e-4)  # capped at 3 reductions
+    assert rates[5] == pytest.approx(1e-12, rel=1e-4)  # capped at 3 reductions
 
 
 def test_l2_does_not_touch_biases():
@@ -318,12 +318,16 @@ def test_clear_errors_before_training(tmp_path):
         train.train_and_evaluate(tiny_config(), str(blocker / "run"))
 
 
+# A training run end to end; the fast tier checks bfloat16 compute in the model (test_models) and losses
+@pytest.mark.slow
 def test_bfloat16_compute_trains(tmp_path):
     state = train.train_and_evaluate(tiny_config(compute_dtype="bfloat16", num_train_steps=2), str(tmp_path))
     assert state.params["conv1_1"]["kernel"].dtype == jnp.float32
     assert np.isfinite(read_metrics(tmp_path)[-1]["loss"])
 
 
+# Two training runs; the fast tier checks remat's names and gradients in the model (test_models)
+@pytest.mark.slow
 def test_remat_gives_the_same_step(tmp_path):
     plain = train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path / "plain"))
     remat = train.train_and_evaluate(tiny_config(num_train_steps=2, remat=True), str(tmp_path / "remat"))
