@@ -5,6 +5,7 @@ disk, a dead node, an interrupted copy, a kill or a user would, and checks that 
 to the same rows and parameters, or stops before any work with one message naming the culprit.
 """
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -27,6 +29,7 @@ from test_train import tiny_config
 import vgg_jax
 from vgg_jax import inference, models, perceptual
 from vgg_jax.checkpointing import checkpoints, run_lock
+from vgg_jax.checkpointing import damage as checkpoint_damage
 from vgg_jax.configs import loc as loc_configs
 from vgg_jax.data import sources
 from vgg_jax.runtime import parallel
@@ -136,6 +139,41 @@ def test_resume_passes_over_each_kind_of_damage(straight, tmp_path, host_state, 
     finally:
         manager.close()
     assert sorted(p.name for p in (run / "damaged_checkpoints").iterdir()) == ["6"]
+
+
+def _unraisable(error, what=None):
+    return types.SimpleNamespace(
+        exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__, err_msg=None, object=what
+    )
+
+
+def test_the_reads_a_failed_restore_abandons_end_quietly_and_nothing_else_does(monkeypatch):
+    """Orbax's other reads of a step that failed go on in TensorStore's threads, each ending on the closed event
+    loop or as a coroutine closed half way: dozens of screens of tracebacks in a user's resume, unless dropped."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    monkeypatch.setattr(checkpoint_damage, "_quieted", False)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+    checkpoint_damage.first_restorable([6, 4], lambda step: 1 / (step - 6), pathlib.Path("run"))
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with pytest.raises(RuntimeError, match="Event loop is closed") as closed:
+        loop.call_soon_threadsafe(print)  # what a read's callback from another thread meets
+
+    async def _read_array_index_and_device_put():  # the name of Orbax's read coroutine
+        pass
+
+    read = _read_array_index_and_device_put()
+    ours = ValueError("the user's own")
+    for unraisable in (_unraisable(closed.value), _unraisable(RuntimeError("x"), read), _unraisable(ours)):
+        sys.unraisablehook(unraisable)
+    read.close()
+    assert [unraisable.exc_value for unraisable in reported] == [ours]
+    (quiet,) = logging.getLogger("asyncio").filters
+    task = "Task exception was never retrieved\nfuture: <Task finished name='Task-9' coro=<{}() done, defined at x>>"
+    for coroutine, kept in (("async_deserialize", False), ("fetch_rows", True)):
+        record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, task.format(coroutine), None, None)
+        assert quiet.filter(record) is kept
 
 
 def test_no_restorable_checkpoint_lists_every_step_tried_and_moves_nothing(straight, tmp_path, host_state):

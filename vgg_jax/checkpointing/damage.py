@@ -14,6 +14,8 @@ why, and nothing is moved.
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +40,53 @@ def cause(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+# Orbax's coroutines that read a step's arrays (orbax.checkpoint serialization).
+_ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize")
+_quieted = False
+
+
+def is_abandoned_read(unraisable: Any) -> bool:
+    """Whether an unraisable exception (`sys.unraisablehook`'s argument) is the end of a read nobody awaits.
+
+    After a step fails to restore, Orbax's other reads of it go on in TensorStore's threads: each ends by
+    calling back into the event loop Orbax has closed, or as a coroutine closed half way.
+    """
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        frames = traceback.walk_tb(unraisable.exc_traceback)
+        return any(frame.f_code.co_name == "call_soon_threadsafe" for frame, _ in frames)
+    return getattr(unraisable.object, "__name__", "") in _ORBAX_READS
+
+
+class AbandonedReadTasks(logging.Filter):
+    """Drops asyncio's report of an Orbax read task whose exception nobody retrieved (its restore had failed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        unretrieved = message.startswith("Task exception was never retrieved")
+        return not (unretrieved and any(f"{name}()" in message for name in _ORBAX_READS))
+
+
+def quiet_abandoned_reads() -> None:
+    """From the first failed restore on, the abandoned reads' tracebacks are dropped, everything else kept.
+
+    Without this a resume that passes over a damaged step prints up to dozens of screens of them, from other
+    threads and at garbage collection, burying the one line that says which step was set aside and why.
+    """
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(AbandonedReadTasks())
+
+
 def first_restorable(
     candidates: Sequence[int], restore: Callable[[int], Any], run: epath.Path, *, everywhere: bool = False
 ) -> tuple[int, Any, list[tuple[int, str]]]:
@@ -51,6 +100,7 @@ def first_restorable(
             value, reason = restore(candidate), ""
         except Exception as error:  # any failure to read the step: try the next one
             value, reason = None, cause(error)
+            quiet_abandoned_reads()
         restored = value is not None
         if everywhere:
             restored = parallel.agree(f"restore_{candidate}", restored)
@@ -70,6 +120,7 @@ def restore_or_explain(restore: Callable[[int], Any], step: int, run: epath.Path
     try:
         return restore(step)
     except Exception as error:
+        quiet_abandoned_reads()
         raise CheckpointError(
             f"step {step} of {run} cannot be restored: {cause(error)}. Ask for step 'latest' (the newest step that "
             "restores completely) or another saved step"
