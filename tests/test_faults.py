@@ -254,6 +254,22 @@ def test_a_torn_config_json_is_named(straight, tmp_path):
 # ----------------------------------------------------------------------------- disk full, read-only
 
 
+def test_a_failed_save_names_the_newest_complete_step_and_the_way_out(tmp_path):
+    """The error a save that cannot be written raises (the slow test below runs it in training, disk full)."""
+    from etils import epath
+
+    root = tmp_path / "checkpoints"
+    for name in ("2", "4", f"6{checkpoints.UNFINISHED_MARK}-1"):
+        (root / name).mkdir(parents=True)
+    full = OSError(errno.ENOSPC, "No space left on device", str(root / "6"))
+    message = str(checkpoint_damage.write_error(types.SimpleNamespace(directory=epath.Path(root)), 6, full))
+    assert f"checkpoint step 6 (or the save before it) could not be written to {root}: " in message
+    assert "No space left on device" in message and "The newest complete checkpoint is step 4" in message
+    assert "rerun the same command: it resumes from there" in message
+    empty = types.SimpleNamespace(directory=epath.Path(tmp_path / "none"))
+    assert "The newest complete checkpoint is none" in str(checkpoint_damage.write_error(empty, None, full))
+
+
 # A third resume of the straight run; the fast tier resumes past damaged checkpoints (above)
 @pytest.mark.slow
 def test_disk_full_while_saving_stops_clearly_and_the_rerun_resumes(straight, tmp_path, monkeypatch):

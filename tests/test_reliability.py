@@ -134,6 +134,22 @@ def test_a_kill_mid_save_leaves_no_temporary_directories_and_no_duplicate_rows(t
     assert rows(run) == rows(straight)
 
 
+def test_unfinished_saves_are_removed_and_nothing_else(tmp_path, caplog):
+    """What a kill mid-save leaves (Orbax's temporary step directory) goes at the next start; the rest stays.
+    The whole story, with training runs around it, is the slow test above."""
+    root = tmp_path / checkpoints.CHECKPOINT_DIR
+    unfinished = root / f"6{checkpoints.UNFINISHED_MARK}-1234567"
+    (unfinished / "params").mkdir(parents=True)
+    (unfinished / "params" / "blob").write_bytes(b"\0" * 1024)
+    (root / "4" / "params").mkdir(parents=True)
+    (root / f"notes{checkpoints.UNFINISHED_MARK}.txt").write_text("a file, not a save")
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.remove_unfinished_saves(str(tmp_path)) == [unfinished.name]
+    assert sorted(p.name for p in root.iterdir()) == ["4", f"notes{checkpoints.UNFINISHED_MARK}.txt"]
+    assert f"removed 1 unfinished checkpoint save(s) in {root}: {unfinished.name}" in caplog.text
+    assert checkpoints.remove_unfinished_saves(str(tmp_path / "no_run")) == []
+
+
 def test_keep_last_and_keep_best_delete_the_others(tmp_path):
     manager = checkpoints.create_manager(str(tmp_path), keep=2, keep_best=1, async_save=False)
     params = {"fc8": {"kernel": np.zeros((2, 2), np.float32)}}
