@@ -300,7 +300,8 @@ def test_lpips_properties_and_checks():
     assert names == layers and [w.shape[0] for w in weights] == [64, 128, 256, 512, 512]
     assert all(float(w.min()) >= 0 for w in weights)  # LPIPS clamps its lin weights to be non-negative
     # By hand: unit-normalise channels, weighted squared difference, mean over positions, sum over layers.
-    fx, fy = jax.jit(net.__call__)(params, x), jax.jit(net.__call__)(params, y)
+    features_of = jax.jit(net.__call__)
+    fx, fy = features_of(params, x), features_of(params, y)
     by_hand = 0
     for layer, weight in zip(names, weights, strict=True):
         a = np.asarray(fx[layer]) / (np.linalg.norm(np.asarray(fx[layer]), axis=-1, keepdims=True) + 1e-10)

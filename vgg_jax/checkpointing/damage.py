@@ -45,7 +45,7 @@ _ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize")
 _quieted = False
 
 
-def is_abandoned_read(unraisable: Any) -> bool:
+def _is_abandoned_read(unraisable: Any) -> bool:
     """Whether an unraisable exception (`sys.unraisablehook`'s argument) is the end of a read nobody awaits.
 
     After a step fails to restore, Orbax's other reads of it go on in TensorStore's threads: each ends by
@@ -58,7 +58,7 @@ def is_abandoned_read(unraisable: Any) -> bool:
     return getattr(unraisable.object, "__name__", "") in _ORBAX_READS
 
 
-class AbandonedReadTasks(logging.Filter):
+class _AbandonedReadTasks(logging.Filter):
     """Drops asyncio's report of an Orbax read task whose exception nobody retrieved (its restore had failed)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -80,11 +80,11 @@ def quiet_abandoned_reads() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        if not is_abandoned_read(unraisable):
+        if not _is_abandoned_read(unraisable):
             previous(unraisable)
 
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(AbandonedReadTasks())
+    logging.getLogger("asyncio").addFilter(_AbandonedReadTasks())
 
 
 def first_restorable(
